@@ -1,0 +1,186 @@
+"""Post-norm Transformer encoder layer: vanilla or key-sparse, self- or cross-attention."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from ks_keras.layers.key_sparse_attention import KeySparseAttention
+from ks_keras.layers.masks import check_sequence_mask, pair_mask
+from ks_keras.layers.positional import SinusoidalPositionalEncoding
+
+
+@keras.saving.register_keras_serializable(package="ks_keras")
+class TransformerLayer(keras.layers.Layer):
+    """One Transformer encoder layer (SPEC §3), post-norm.
+
+    `x = LN(x + Dropout(Attention(x, context)))`, then `x = LN(x + Dropout(FFN(x)))` with a
+    ReLU FFN. Self-attention when no `context` is given; cross-attention (queries from `x`,
+    keys = values from `context`) otherwise.
+
+    Args:
+        num_heads: attention heads; must divide the input width.
+        ffn_dim: hidden width of the position-wise FFN.
+        dropout: dropout on attention weights, the attention output and the FFN output.
+        layer_norm_eps: LayerNorm epsilon (authors' code 1e-5).
+        key_sparse: use key-sparse attention (KS-Transformer layer) instead of vanilla MHA.
+        sparsity, k_from, renormalize, query_mask_in_scores: key-sparse options
+            (see `KeySparseAttention`); ignored when `key_sparse=False`.
+        input_layer_norm: apply an extra LayerNorm to the layer input (authors' code).
+        add_positional: add sinusoidal positions to `x` (and `context`) before attending, for
+            the "re-add at every layer" variant.
+        **kwargs: base layer arguments.
+
+    Call args:
+        inputs: `[B, T, D]`.
+        padding_mask: `[B, T]` int/bool padding mask of `inputs` (1 = real step).
+        context: optional `[B, S, Dc]` sequence for cross-attention.
+        context_mask: `[B, S]` padding mask of `context`.
+        training: dropout switch.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        ffn_dim,
+        dropout=0.1,
+        layer_norm_eps=1e-5,
+        key_sparse=False,
+        sparsity=0.5,
+        k_from="valid",
+        renormalize=False,
+        query_mask_in_scores=True,
+        input_layer_norm=False,
+        add_positional=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads: expected an integer >= 1, got {num_heads!r}")
+        if isinstance(ffn_dim, bool) or not isinstance(ffn_dim, int) or ffn_dim < 1:
+            raise ValueError(f"ffn_dim: expected an integer >= 1, got {ffn_dim!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a rate in [0, 1), got {dropout!r}")
+        if key_sparse and not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity: expected a fraction in [0, 1), got {sparsity!r}")
+        self.num_heads = num_heads
+        self.ffn_dim = ffn_dim
+        self.dropout = float(dropout)
+        self.layer_norm_eps = float(layer_norm_eps)
+        self.key_sparse = bool(key_sparse)
+        self.sparsity = float(sparsity)
+        self.k_from = k_from
+        self.renormalize = bool(renormalize)
+        self.query_mask_in_scores = bool(query_mask_in_scores)
+        self.input_layer_norm = bool(input_layer_norm)
+        self.add_positional = bool(add_positional)
+
+    def build(self, inputs_shape, context_shape=None):
+        input_shape = inputs_shape
+        dim = input_shape[-1]
+        if dim is None:
+            raise ValueError("TransformerLayer: the feature dimension of inputs must be known")
+        if dim % self.num_heads:
+            raise ValueError(
+                f"num_heads: {self.num_heads} heads do not divide the model width {dim}"
+            )
+        head_dim = dim // self.num_heads
+        attn_kwargs = dict(
+            num_heads=self.num_heads,
+            key_dim=head_dim,
+            dropout=self.dropout,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        if self.key_sparse:
+            self.attention = KeySparseAttention(
+                sparsity=self.sparsity,
+                k_from=self.k_from,
+                renormalize=self.renormalize,
+                query_mask_in_scores=self.query_mask_in_scores,
+                **attn_kwargs,
+            )
+        else:
+            self.attention = keras.layers.MultiHeadAttention(**attn_kwargs)
+        kv_shape = tuple(context_shape) if context_shape is not None else tuple(input_shape)
+        self.attention.build(tuple(input_shape), kv_shape, kv_shape)
+
+        def norm(name):
+            layer = keras.layers.LayerNormalization(
+                epsilon=self.layer_norm_eps, dtype=self.dtype_policy, name=name
+            )
+            layer.build(tuple(input_shape))
+            return layer
+
+        self.input_norm = norm("input_norm") if self.input_layer_norm else None
+        self.attention_norm = norm("attention_norm")
+        self.ffn_norm = norm("ffn_norm")
+        self.attention_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="attention_dropout"
+        )
+        self.ffn_inner = keras.layers.Dense(
+            self.ffn_dim, activation="relu", dtype=self.dtype_policy, name="ffn_inner"
+        )
+        self.ffn_inner.build(tuple(input_shape))
+        self.ffn_outer = keras.layers.Dense(dim, dtype=self.dtype_policy, name="ffn_outer")
+        self.ffn_outer.build(tuple(input_shape[:-1]) + (self.ffn_dim,))
+        self.ffn_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="ffn_dropout"
+        )
+        self.positional = (
+            SinusoidalPositionalEncoding(dtype=self.dtype_policy, name="positional")
+            if self.add_positional
+            else None
+        )
+        self.built = True
+
+    def call(self, inputs, padding_mask=None, context=None, context_mask=None, training=None):
+        x = inputs
+        if padding_mask is not None:
+            check_sequence_mask(x, padding_mask, "padding_mask")
+        if context is not None and context_mask is not None:
+            check_sequence_mask(context, context_mask, "context_mask")
+        if context is None and context_mask is not None:
+            raise ValueError("context_mask: given without a context sequence")
+
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        if self.positional is not None:
+            x = self.positional(x)
+            if context is not None:
+                context = self.positional(context)
+        if context is None:
+            kv, kv_mask = x, padding_mask
+        else:
+            kv, kv_mask = context, context_mask
+        attention_mask = pair_mask(padding_mask, kv_mask, ops.shape(x)[1], ops.shape(kv)[1])
+
+        attended = self.attention(
+            query=x, value=kv, key=kv, attention_mask=attention_mask, training=training
+        )
+        x = self.attention_norm(x + self.attention_dropout(attended, training=training))
+        ffn = self.ffn_outer(self.ffn_inner(x))
+        x = self.ffn_norm(x + self.ffn_dropout(ffn, training=training))
+        return x
+
+    def compute_output_shape(self, inputs_shape, context_shape=None):
+        return inputs_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "ffn_dim": self.ffn_dim,
+                "dropout": self.dropout,
+                "layer_norm_eps": self.layer_norm_eps,
+                "key_sparse": self.key_sparse,
+                "sparsity": self.sparsity,
+                "k_from": self.k_from,
+                "renormalize": self.renormalize,
+                "query_mask_in_scores": self.query_mask_in_scores,
+                "input_layer_norm": self.input_layer_norm,
+                "add_positional": self.add_positional,
+            }
+        )
+        return config

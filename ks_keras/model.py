@@ -1,0 +1,171 @@
+"""The KS-T + CCAB network as a functional Keras model (paper Fig. 2, SPEC §3).
+
+inputs → FEM (5 vanilla Transformer layers per modality) → MIM (N CCABs per direction, K/V
+from the other modality's FEM output, one skip) → DFM (2 KS-Transformer layers per branch)
+→ masked mean pooling → concatenation → MLP head → logits.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from ks_keras.config import Config, ModelConfig, validate_config
+from ks_keras.layers import (
+    MaskedMeanPooling,
+    ModalityInteraction,
+    SinusoidalPositionalEncoding,
+    TransformerLayer,
+)
+
+INPUT_NAMES = ("audio", "audio_mask", "text", "text_mask")
+OTHER = {"audio": "text", "text": "audio"}
+
+
+def _width(m: ModelConfig, modality: str) -> int:
+    return getattr(m, f"{modality}_d_model") or getattr(m, f"{modality}_dim")
+
+
+def _layer_options(m: ModelConfig, modality: str) -> dict:
+    return dict(
+        num_heads=m.num_heads,
+        ffn_dim=getattr(m, f"{modality}_ffn_dim"),
+        dropout=m.dropout,
+        layer_norm_eps=m.layer_norm_eps,
+        input_layer_norm=m.input_layer_norm,
+        add_positional=m.positional == "every_layer",
+    )
+
+
+def _sparse_options(m: ModelConfig) -> dict:
+    return dict(
+        sparsity=m.sparsity,
+        k_from=m.k_from,
+        renormalize=m.renormalize,
+        query_mask_in_scores=m.query_mask_in_scores,
+    )
+
+
+def model_inputs(m: ModelConfig) -> dict[str, keras.KerasTensor]:
+    """Named inputs for the configured modalities: features float32, masks int32."""
+    inputs = {}
+    for modality in m.modalities:
+        dim = getattr(m, f"{modality}_dim")
+        inputs[modality] = keras.Input((None, dim), dtype="float32", name=modality)
+        inputs[f"{modality}_mask"] = keras.Input((None,), dtype="int32", name=f"{modality}_mask")
+    return inputs
+
+
+def feature_extraction(m: ModelConfig, modality: str, x, mask):
+    """FEM: optional projection, sinusoidal positions, n_fem vanilla Transformer layers."""
+    if getattr(m, f"{modality}_d_model"):
+        x = keras.layers.Dense(_width(m, modality), name=f"{modality}_projection")(x)
+    if m.positional == "input":
+        x = SinusoidalPositionalEncoding(name=f"{modality}_positional")(x)
+    if m.use_fem:
+        for i in range(m.n_fem):
+            x = TransformerLayer(
+                key_sparse=False, name=f"{modality}_fem_{i + 1}", **_layer_options(m, modality)
+            )(x, padding_mask=mask)
+    return x
+
+
+def modality_interaction(m: ModelConfig, modality: str, x, mask, other, other_mask):
+    """MIM for target `modality`: queries from x, keys/values from the other FEM output."""
+    return ModalityInteraction(
+        n_ccab=m.n_ccab,
+        skip=m.mim_skip,
+        name=f"{modality}_mim",
+        **_layer_options(m, modality),
+        **_sparse_options(m),
+    )(x, padding_mask=mask, context=other, context_mask=other_mask)
+
+
+def deep_fusion(m: ModelConfig, modality: str, x, mask):
+    """DFM: n_dfm key-sparse self-attention layers."""
+    for i in range(m.n_dfm):
+        x = TransformerLayer(
+            key_sparse=True,
+            name=f"{modality}_dfm_{i + 1}",
+            **_layer_options(m, modality),
+            **_sparse_options(m),
+        )(x, padding_mask=mask)
+    return x
+
+
+def classifier_head(m: ModelConfig, pooled):
+    """Dense → ReLU → Dropout per hidden width, then the logits layer (float32)."""
+    x = pooled
+    for i, units in enumerate(m.head_units):
+        x = keras.layers.Dense(units, activation="relu", name=f"head_dense_{i + 1}")(x)
+        x = keras.layers.Dropout(m.head_dropout, name=f"head_dropout_{i + 1}")(x)
+    # Logits in float32 so the loss is stable under mixed precision.
+    return keras.layers.Dense(m.num_classes, dtype="float32", name="logits")(x)
+
+
+def build_model(config: Config | ModelConfig, name: str = "ks_transformer") -> keras.Model:
+    """Build the KS-T + CCAB model.
+
+    Args:
+        config: a full `Config` (its `model` section is used) or a `ModelConfig`.
+        name: model name.
+
+    Returns:
+        A functional `keras.Model` taking a dict with `audio` `[B, Ta, audio_dim]` float32,
+        `audio_mask` `[B, Ta]` int32, `text` `[B, Tt, text_dim]` float32 and `text_mask`
+        `[B, Tt]` int32 (only the configured modalities' entries) and returning logits
+        `[B, num_classes]` (output name `logits`).
+
+    Example:
+
+    >>> cfg = load_config("configs/paper.yaml")
+    >>> model = build_model(cfg)
+    >>> model.count_params()  # ≈ 85.3 M
+    """
+    if isinstance(config, Config):
+        validate_config(config)
+        m = config.model
+    elif isinstance(config, ModelConfig):
+        validate_config(Config(model=config))
+        m = config
+    else:
+        raise ValueError(f"config: expected a Config or ModelConfig, got {type(config).__name__}")
+
+    inputs = model_inputs(m)
+    masks = {mod: inputs[f"{mod}_mask"] for mod in m.modalities}
+
+    fem = {mod: feature_extraction(m, mod, inputs[mod], masks[mod]) for mod in m.modalities}
+
+    multimodal = len(m.modalities) == 2
+    if multimodal and m.use_mim and m.n_ccab > 0:
+        branches = {
+            mod: modality_interaction(
+                m, mod, fem[mod], masks[mod], fem[OTHER[mod]], masks[OTHER[mod]]
+            )
+            for mod in m.modalities
+        }
+    else:
+        branches = dict(fem)
+
+    if m.use_dfm:
+        branches = {mod: deep_fusion(m, mod, branches[mod], masks[mod]) for mod in m.modalities}
+
+    pooled = [
+        MaskedMeanPooling(include_padding=m.pooling == "include_padding", name=f"{mod}_pool")(
+            branches[mod], padding_mask=masks[mod]
+        )
+        for mod in m.modalities
+    ]
+    fused = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="fusion")(pooled)
+    logits = classifier_head(m, fused)
+    return keras.Model(inputs=inputs, outputs=logits, name=name)
+
+
+def count_trainable_params(model: keras.Model) -> int:
+    """Number of trainable scalars in `model`."""
+    total = 0
+    for weight in model.trainable_weights:
+        size = 1
+        for dim in weight.shape:
+            size *= int(dim)
+        total += size
+    return total
