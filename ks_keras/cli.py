@@ -38,8 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     # Keep TF's C++ start-up chatter out of user-facing output unless asked for.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -82,6 +82,8 @@ class AudioFeatureConfig:
     win_ms: float = 25.0
     hop_ms: float = 10.0
     log_floor: float = 1e-6
+    mel_fmin: float = 20.0
+    mel_fmax: float | None = None  # None = sample_rate / 2
     normalize: Literal["none", "global", "speaker"] = "none"
     # hf
     model_path: str | None = None
@@ -340,8 +342,14 @@ def validate_config(cfg: Config) -> None:
         "a non-empty list of distinct values from ['audio', 'text']",
         m.modalities,
     )
-    for name in ("audio_dim", "text_dim", "num_heads", "audio_ffn_dim", "text_ffn_dim",
-                 "num_classes"):
+    for name in (
+        "audio_dim",
+        "text_dim",
+        "num_heads",
+        "audio_ffn_dim",
+        "text_ffn_dim",
+        "num_classes",
+    ):
         _check(getattr(m, name) >= 1, f"model.{name}", "an integer >= 1", getattr(m, name))
     _check(m.num_classes >= 2, "model.num_classes", "at least 2 classes", m.num_classes)
     for name in ("n_fem", "n_ccab", "n_dfm"):
@@ -358,16 +366,19 @@ def validate_config(cfg: Config) -> None:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "a rate in [0, 1)", m.dropout)
     _check(0.0 <= m.head_dropout < 1.0, "model.head_dropout", "a rate in [0, 1)", m.head_dropout)
     _check(m.layer_norm_eps > 0, "model.layer_norm_eps", "a positive number", m.layer_norm_eps)
-    _check(all(u >= 1 for u in m.head_units), "model.head_units", "positive widths",
-           m.head_units)
+    _check(all(u >= 1 for u in m.head_units), "model.head_units", "positive widths", m.head_units)
 
     d = cfg.data
     _check(d.audio_max_len >= 1, "data.audio_max_len", "an integer >= 1", d.audio_max_len)
     _check(d.text_max_len >= 1, "data.text_max_len", "an integer >= 1", d.text_max_len)
     _check(len(set(d.labels)) == len(d.labels), "data.labels", "distinct labels", d.labels)
     if d.labels:
-        _check(len(d.labels) == m.num_classes, "data.labels",
-               f"as many labels as model.num_classes={m.num_classes}", d.labels)
+        _check(
+            len(d.labels) == m.num_classes,
+            "data.labels",
+            f"as many labels as model.num_classes={m.num_classes}",
+            d.labels,
+        )
 
     t = cfg.train
     _check(t.lr > 0, "train.lr", "a positive learning rate", t.lr)
@@ -375,8 +386,12 @@ def validate_config(cfg: Config) -> None:
     _check(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
     _check(t.step_epochs >= 1, "train.step_epochs", "an integer >= 1", t.step_epochs)
     _check(0 < t.step_factor <= 1, "train.step_factor", "a factor in (0, 1]", t.step_factor)
-    _check(0 <= t.cosine_final_ratio <= 1, "train.cosine_final_ratio", "a ratio in [0, 1]",
-           t.cosine_final_ratio)
+    _check(
+        0 <= t.cosine_final_ratio <= 1,
+        "train.cosine_final_ratio",
+        "a ratio in [0, 1]",
+        t.cosine_final_ratio,
+    )
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", "an integer >= 0", t.warmup_epochs)
     _check(0 <= t.momentum < 1, "train.momentum", "a value in [0, 1)", t.momentum)
 
@@ -385,15 +400,19 @@ def validate_config(cfg: Config) -> None:
     _check(e.repeats >= 1, "eval.repeats", "an integer >= 1", e.repeats)
     _check(e.n_folds >= 2, "eval.n_folds", "an integer >= 2", e.n_folds)
     if e.protocol == "honest":
-        _check(e.val_speakers >= 1, "eval.val_speakers",
-               "at least 1 validation speaker under the honest protocol", e.val_speakers)
+        _check(
+            e.val_speakers >= 1,
+            "eval.val_speakers",
+            "at least 1 validation speaker under the honest protocol",
+            e.val_speakers,
+        )
     if cfg.export.version is not None:
-        _check(cfg.export.version >= 1, "export.version", "an integer >= 1",
-               cfg.export.version)
+        _check(cfg.export.version >= 1, "export.version", "an integer >= 1", cfg.export.version)
 
 
-def config_from_dict(data: dict[str, Any] | None = None,
-                     overrides: list[str] | None = None) -> Config:
+def config_from_dict(
+    data: dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> Config:
     """Build and validate a `Config` from a (partial) nested dict plus dotted overrides."""
     merged = apply_overrides(data or {}, overrides)
     cfg = from_dict(Config, merged)

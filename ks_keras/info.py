@@ -5,8 +5,20 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
-PACKAGES = ("tensorflow", "keras", "keras-tuner", "tensorboard", "numpy", "soundfile", "soxr",
-            "torch", "transformers", "tensorflow-serving-api", "opensmile", "scikit-learn")
+PACKAGES = (
+    "tensorflow",
+    "keras",
+    "keras-tuner",
+    "tensorboard",
+    "numpy",
+    "soundfile",
+    "soxr",
+    "torch",
+    "transformers",
+    "tensorflow-serving-api",
+    "opensmile",
+    "scikit-learn",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -52,7 +64,9 @@ def run_info(args) -> int:
         model = build_model(cfg)
         n = count_trainable_params(model)
         m = cfg.model
-        print(f"model ({args.config or 'defaults'}): modalities={m.modalities} n_ccab={m.n_ccab} "
-              f"sparsity={m.sparsity}")
+        print(
+            f"model ({args.config or 'defaults'}): modalities={m.modalities} n_ccab={m.n_ccab} "
+            f"sparsity={m.sparsity}"
+        )
         print(f"trainable parameters: {n:,} ({n / 1e6:.1f} M)")
     return 0

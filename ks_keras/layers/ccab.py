@@ -9,7 +9,6 @@ from ks_keras.layers.encoder import TransformerLayer
 MIM_SKIPS = ("paper", "official_code")
 
 
-
 @keras.saving.register_keras_serializable(package="ks_keras")
 class CCAB(keras.layers.Layer):
     """Cascaded cross-attention block for target modality A and source modality B.
@@ -28,20 +27,39 @@ class CCAB(keras.layers.Layer):
         context: `[B, S, Db]` source sequence; context_mask: its `[B, S]` padding mask.
     """
 
-    def __init__(self, num_heads, ffn_dim, dropout=0.1, layer_norm_eps=1e-5, sparsity=0.5,
-                 k_from="valid", renormalize=False, query_mask_in_scores=True,
-                 input_layer_norm=False, add_positional=False, **kwargs):
+    def __init__(
+        self,
+        num_heads,
+        ffn_dim,
+        dropout=0.1,
+        layer_norm_eps=1e-5,
+        sparsity=0.5,
+        k_from="valid",
+        renormalize=False,
+        query_mask_in_scores=True,
+        input_layer_norm=False,
+        add_positional=False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self._layer_config = dict(
-            num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
-            layer_norm_eps=layer_norm_eps, sparsity=sparsity, k_from=k_from,
-            renormalize=renormalize, query_mask_in_scores=query_mask_in_scores,
-            input_layer_norm=input_layer_norm, add_positional=add_positional,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            layer_norm_eps=layer_norm_eps,
+            sparsity=sparsity,
+            k_from=k_from,
+            renormalize=renormalize,
+            query_mask_in_scores=query_mask_in_scores,
+            input_layer_norm=input_layer_norm,
+            add_positional=add_positional,
         )
-        self.cross_layer = TransformerLayer(key_sparse=True, dtype=self.dtype_policy,
-                                            name="ks_cross", **self._layer_config)
-        self.self_layer = TransformerLayer(key_sparse=True, dtype=self.dtype_policy,
-                                           name="ks_self", **self._layer_config)
+        self.cross_layer = TransformerLayer(
+            key_sparse=True, dtype=self.dtype_policy, name="ks_cross", **self._layer_config
+        )
+        self.self_layer = TransformerLayer(
+            key_sparse=True, dtype=self.dtype_policy, name="ks_self", **self._layer_config
+        )
 
     def build(self, inputs_shape, context_shape=None):
         if context_shape is None:
@@ -53,12 +71,14 @@ class CCAB(keras.layers.Layer):
     def call(self, inputs, padding_mask=None, context=None, context_mask=None, training=None):
         if context is None:
             raise ValueError("context: CCAB needs the other modality's sequence")
-        x = self.cross_layer(inputs, padding_mask=padding_mask, context=context, context_mask=context_mask,
-                             training=training)
+        x = self.cross_layer(
+            inputs,
+            padding_mask=padding_mask,
+            context=context,
+            context_mask=context_mask,
+            training=training,
+        )
         return self.self_layer(x, padding_mask=padding_mask, training=training)
-
-    def compute_output_shape(self, inputs_shape, context_shape=None):
-        return inputs_shape
 
     def get_config(self):
         config = super().get_config()
@@ -81,9 +101,22 @@ class ModalityInteraction(keras.layers.Layer):
         other args: as `CCAB`.
     """
 
-    def __init__(self, n_ccab, num_heads, ffn_dim, dropout=0.1, layer_norm_eps=1e-5,
-                 sparsity=0.5, k_from="valid", renormalize=False, query_mask_in_scores=True,
-                 input_layer_norm=False, add_positional=False, skip="paper", **kwargs):
+    def __init__(
+        self,
+        n_ccab,
+        num_heads,
+        ffn_dim,
+        dropout=0.1,
+        layer_norm_eps=1e-5,
+        sparsity=0.5,
+        k_from="valid",
+        renormalize=False,
+        query_mask_in_scores=True,
+        input_layer_norm=False,
+        add_positional=False,
+        skip="paper",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if isinstance(n_ccab, bool) or not isinstance(n_ccab, int) or n_ccab < 0:
             raise ValueError(f"n_ccab: expected an integer >= 0, got {n_ccab!r}")
@@ -92,10 +125,16 @@ class ModalityInteraction(keras.layers.Layer):
         self.n_ccab = n_ccab
         self.skip = skip
         self._block_config = dict(
-            num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
-            layer_norm_eps=layer_norm_eps, sparsity=sparsity, k_from=k_from,
-            renormalize=renormalize, query_mask_in_scores=query_mask_in_scores,
-            input_layer_norm=input_layer_norm, add_positional=add_positional,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            layer_norm_eps=layer_norm_eps,
+            sparsity=sparsity,
+            k_from=k_from,
+            renormalize=renormalize,
+            query_mask_in_scores=query_mask_in_scores,
+            input_layer_norm=input_layer_norm,
+            add_positional=add_positional,
         )
         self.blocks = [
             CCAB(dtype=self.dtype_policy, name=f"ccab_{i + 1}", **self._block_config)
@@ -112,13 +151,15 @@ class ModalityInteraction(keras.layers.Layer):
             return inputs
         x = inputs
         for block in self.blocks:
-            x = block(x, padding_mask=padding_mask, context=context, context_mask=context_mask,
-                      training=training)
+            x = block(
+                x,
+                padding_mask=padding_mask,
+                context=context,
+                context_mask=context_mask,
+                training=training,
+            )
         skip = inputs + inputs if self.skip == "official_code" else inputs
         return skip + x
-
-    def compute_output_shape(self, inputs_shape, context_shape=None):
-        return inputs_shape
 
     def get_config(self):
         config = super().get_config()

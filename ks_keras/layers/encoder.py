@@ -163,9 +163,6 @@ class TransformerLayer(keras.layers.Layer):
         x = self.ffn_norm(x + self.ffn_dropout(ffn, training=training))
         return x
 
-    def compute_output_shape(self, inputs_shape, context_shape=None):
-        return inputs_shape
-
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -52,8 +52,10 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
             padded length, as the authors' code does (short inputs are then barely sparsified).
         renormalize: rescale the kept weights of each query row to sum to 1 (default off, as in
             the paper and the authors' code).
-        query_mask_in_scores: padded queries get no vote in the key scores (default). With False
-            every query row votes, its softmax taken over the real keys, as in the authors' code.
+        query_mask_in_scores: padded queries get no vote in the key scores and attend nothing
+            (default). With False every query row, padding included, attends over the real keys
+            and votes with that distribution, as in the authors' code (only outputs at padded
+            query positions differ).
         **kwargs: everything `keras.layers.MultiHeadAttention` accepts (value_dim, dropout,
             output_shape, ...).
 
@@ -136,7 +138,7 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
             key_valid = ops.any(pair_mask, axis=1)  # [B, S]
             query_valid = ops.any(pair_mask, axis=2)  # [B, T]
 
-        if pair_mask is not None and not self.query_mask_in_scores and self.sparsity > 0:
+        if pair_mask is not None and not self.query_mask_in_scores:
             # Authors' behaviour: every query row (padding included) distributes its weight over
             # the real keys and votes with it.
             softmax_mask = ops.expand_dims(ops.expand_dims(key_valid, 1), 1)  # [B, 1, 1, S]

@@ -35,9 +35,6 @@ class MaskedMeanPooling(keras.layers.Layer):
         count = ops.maximum(ops.sum(weights, axis=1), ops.cast(1.0, inputs.dtype))
         return total / count
 
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[-1])
-
     def compute_mask(self, inputs, padding_mask=None):
         return None
 
