@@ -114,8 +114,9 @@ def test_truncated_wav(tmp_path):
 @pytest.mark.parametrize("fmt", ["flac", "ogg"])
 def test_truncated_compressed(tmp_path, fmt):
     rng = np.random.default_rng(0)
-    data = write(tmp_path / f"a.{fmt}", (0.1 * rng.standard_normal(SR)).astype(np.float32)
-                 ).read_bytes()
+    data = write(
+        tmp_path / f"a.{fmt}", (0.1 * rng.standard_normal(SR)).astype(np.float32)
+    ).read_bytes()
     (tmp_path / f"cut.{fmt}").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=rf"cut\.{fmt}"):
         load_audio(tmp_path / f"cut.{fmt}")
