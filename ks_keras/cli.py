@@ -24,6 +24,20 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
     )
 
 
+def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--protocol",
+        choices=["honest", "paper"],
+        help="honest (default): best epoch on validation speakers; paper: on the test fold, as "
+        "the authors' code (optimistic, labelled so in reports)",
+    )
+    p.add_argument("--repeats", type=int, help="seeds per fold (default eval.repeats)")
+    p.add_argument("--max-folds", type=int, help="only the first N folds")
+    p.add_argument("--report-dir", help="report folder (default eval.report_dir/<config name>)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the eGeMAPS + SVM baseline")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ks-keras",
@@ -34,6 +48,69 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, devices, distribution strategy, parameter count")
     _add_config_args(p)
     p.set_defaults(target="ks_keras.info:run_info")
+
+    p = sub.add_parser("export", help="export a trained .keras model as a TF Serving SavedModel")
+    p.add_argument("--model", required=True, help="trained model file (run/best.keras)")
+    _add_config_args(p)
+    p.add_argument("--labels", help="class names in output order, comma-separated (default: "
+                   "the model's sidecar, else data.labels)")
+    p.add_argument("--name", help="model name (default export.name)")
+    p.add_argument("--base-dir", help="export root (default export.base_dir = saved_models)")
+    p.add_argument("--version", type=int, help="integer version (default: next free)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the fresh-process parity check and saved_model_cli listing")
+    p.set_defaults(target="ks_keras.export:run_export")
+
+    p = sub.add_parser("predict", help="emotion of an audio file + transcript (or a manifest)")
+    p.add_argument("audio", nargs="?", help="audio file (WAV/FLAC/OGG; resampled if needed)")
+    p.add_argument("--text", help="the transcript of the audio")
+    p.add_argument("--model", required=True,
+                   help="saved_models/<name>[/<version>] (base folder = latest) or a .keras file")
+    p.add_argument("--manifest", help="CSV with columns path,text[,id,label] (paths relative "
+                   "to the CSV) → CSV of predictions")
+    p.add_argument("--output", help="where --manifest results go (default: stdout)")
+    p.add_argument("--json", action="store_true", help="JSON output for scripts")
+    p.add_argument("--signature", default="serving_default",
+                   choices=["serving_default", "serving_waveform"],
+                   help="serving_waveform: send raw audio, log-mel runs in the model graph")
+    p.add_argument("--batch-size", type=int, default=16, help="utterances per batch (manifest)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--rest", metavar="URL",
+                   help="send requests to TF Serving's REST API, e.g. http://localhost:8501")
+    p.add_argument("--grpc", metavar="HOST:PORT",
+                   help="send requests to TF Serving's gRPC API, e.g. localhost:8500")
+    p.add_argument("--model-name", help="served model name (default: the export's name)")
+    p.add_argument("--model-version", type=int,
+                   help="served version (default: the version of the local export)")
+    _add_config_args(p)
+    p.set_defaults(target="ks_keras.predict:run_predict")
+
+    p = sub.add_parser("features", help="extract and cache features of the configured corpus")
+    _add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(target="ks_keras.features.cache:run_features")
+
+    p = sub.add_parser("prepare", help="write a manifest CSV for a corpus you bring")
+    prep = p.add_subparsers(dest="corpus", metavar="<corpus>", required=True)
+    q = prep.add_parser("iemocap", help="IEMOCAP official release → 4-class manifest")
+    q.add_argument("--root", required=True, help="IEMOCAP_full_release folder")
+    q.add_argument("--out", required=True, help="manifest CSV to write")
+    q.add_argument("--all-labels", action="store_true",
+                   help="keep every agreed label (excited not merged) instead of 4 classes")
+    q.set_defaults(target="ks_keras.corpora.iemocap:run_prepare_iemocap")
+
+    p = sub.add_parser("evaluate", help="cross-validated training + test with a report folder")
+    _add_config_args(p)
+    _add_evaluate_arguments(p)
+    p.set_defaults(target="ks_keras.evaluation:run_evaluate")
+
+    p = sub.add_parser("demo", help="offline EmoDB demo: features, LOSO training, report")
+    _add_config_args(p)
+    p.add_argument("--full", action="store_true", help="all 10 speakers (default: a subset)")
+    p.add_argument("--report-dir", help="report folder (default reports/emodb_demo)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the eGeMAPS + SVM baseline")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(target="ks_keras.demo:run_demo")
 
     return parser
 
