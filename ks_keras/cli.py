@@ -52,36 +52,60 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a trained .keras model as a TF Serving SavedModel")
     p.add_argument("--model", required=True, help="trained model file (run/best.keras)")
     _add_config_args(p)
-    p.add_argument("--labels", help="class names in output order, comma-separated (default: "
-                   "the model's sidecar, else data.labels)")
+    p.add_argument(
+        "--labels",
+        help="class names in output order, comma-separated (default: "
+        "the model's sidecar, else data.labels)",
+    )
     p.add_argument("--name", help="model name (default export.name)")
     p.add_argument("--base-dir", help="export root (default export.base_dir = saved_models)")
     p.add_argument("--version", type=int, help="integer version (default: next free)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the fresh-process parity check and saved_model_cli listing")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the fresh-process parity check and saved_model_cli listing",
+    )
     p.set_defaults(target="ks_keras.export:run_export")
 
     p = sub.add_parser("predict", help="emotion of an audio file + transcript (or a manifest)")
     p.add_argument("audio", nargs="?", help="audio file (WAV/FLAC/OGG; resampled if needed)")
     p.add_argument("--text", help="the transcript of the audio")
-    p.add_argument("--model", required=True,
-                   help="saved_models/<name>[/<version>] (base folder = latest) or a .keras file")
-    p.add_argument("--manifest", help="CSV with columns path,text[,id,label] (paths relative "
-                   "to the CSV) → CSV of predictions")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="saved_models/<name>[/<version>] (base folder = latest) or a .keras file",
+    )
+    p.add_argument(
+        "--manifest",
+        help="CSV with columns path,text[,id,label] (paths relative "
+        "to the CSV) → CSV of predictions",
+    )
     p.add_argument("--output", help="where --manifest results go (default: stdout)")
     p.add_argument("--json", action="store_true", help="JSON output for scripts")
-    p.add_argument("--signature", default="serving_default",
-                   choices=["serving_default", "serving_waveform"],
-                   help="serving_waveform: send raw audio, log-mel runs in the model graph")
+    p.add_argument(
+        "--signature",
+        default="serving_default",
+        choices=["serving_default", "serving_waveform"],
+        help="serving_waveform: send raw audio, log-mel runs in the model graph",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="utterances per batch (manifest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--rest", metavar="URL",
-                   help="send requests to TF Serving's REST API, e.g. http://localhost:8501")
-    p.add_argument("--grpc", metavar="HOST:PORT",
-                   help="send requests to TF Serving's gRPC API, e.g. localhost:8500")
+    p.add_argument(
+        "--rest",
+        metavar="URL",
+        help="send requests to TF Serving's REST API, e.g. http://localhost:8501",
+    )
+    p.add_argument(
+        "--grpc",
+        metavar="HOST:PORT",
+        help="send requests to TF Serving's gRPC API, e.g. localhost:8500",
+    )
     p.add_argument("--model-name", help="served model name (default: the export's name)")
-    p.add_argument("--model-version", type=int,
-                   help="served version (default: the version of the local export)")
+    p.add_argument(
+        "--model-version",
+        type=int,
+        help="served version (default: the version of the local export)",
+    )
     _add_config_args(p)
     p.set_defaults(target="ks_keras.predict:run_predict")
 

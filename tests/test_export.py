@@ -1,0 +1,390 @@
+"""SavedModel export: TF Serving layout, signatures, shipped metadata, fresh-process parity."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from ks_keras import cli  # noqa: E402
+from ks_keras import export as ex  # noqa: E402
+from ks_keras.config import config_from_dict, save_config  # noqa: E402
+from ks_keras.features.logmel import LogMelExtractor  # noqa: E402
+from ks_keras.model import build_model  # noqa: E402
+
+LABELS = ["angry", "happy", "sad"]
+AUDIO_MAX, TEXT_MAX = 24, 6
+
+
+def tiny_config(**sections):
+    data = {
+        "model": {
+            "audio_dim": 16,
+            "text_dim": 8,
+            "num_heads": 2,
+            "audio_ffn_dim": 16,
+            "text_ffn_dim": 16,
+            "n_fem": 1,
+            "n_ccab": 1,
+            "n_dfm": 1,
+            "head_units": [16],
+            "num_classes": 3,
+            "dropout": 0.0,
+            "head_dropout": 0.0,
+        },
+        "features": {"audio": {"type": "logmel", "n_mels": 16}},
+        "data": {"audio_max_len": AUDIO_MAX, "text_max_len": TEXT_MAX, "labels": LABELS},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return config_from_dict(data)
+
+
+def feature_metadata(cfg):
+    meta = {"text": {"type": "hf_text", "model_path": "/nowhere", "layers": [-1]}}
+    if "audio" in cfg.model.modalities:
+        meta["audio"] = LogMelExtractor(cfg.features.audio).metadata
+    return {m: meta[m] for m in cfg.model.modalities}
+
+
+def random_inputs(rng, batch, audio_len=AUDIO_MAX, text_len=TEXT_MAX, modalities=("audio", "text")):
+    out = {}
+    for mod, t, d in (("audio", audio_len, 16), ("text", text_len, 8)):
+        if mod not in modalities:
+            continue
+        lengths = rng.integers(1, t + 1, size=batch)
+        lengths[0] = t
+        mask = (np.arange(t)[None] < lengths[:, None]).astype("int32")
+        out[mod] = (rng.standard_normal((batch, t, d)) * mask[:, :, None]).astype("float32")
+        out[f"{mod}_mask"] = mask
+    return out
+
+
+def keras_probs(model, inputs):
+    return keras.ops.convert_to_numpy(keras.ops.softmax(model(inputs, training=False)))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One verified export (fresh process + saved_model_cli) shared by the tests here."""
+    keras.utils.set_random_seed(1)
+    cfg = tiny_config()
+    model = build_model(cfg)
+    base = tmp_path_factory.mktemp("saved_models")
+    path = ex.export_model(
+        model, cfg, LABELS, feature_metadata(cfg), base_dir=base, name="tiny", verify=True
+    )
+    return cfg, model, base, path
+
+
+def test_layout_assets_and_metadata(exported):
+    cfg, _, base, path = exported
+    assert path == base / "tiny" / "1"
+    assert (path / "saved_model.pb").is_file() and (path / "variables").is_dir()
+    assert (path / "assets" / "labels.txt").read_text().splitlines() == LABELS
+    meta = json.loads((path / "assets" / "ks_keras.json").read_text())
+    assert meta["format"] == ex.EXPORT_FORMAT and meta["name"] == "tiny" and meta["version"] == 1
+    assert meta["labels"] == LABELS
+    assert meta["inputs"] == {
+        "audio": {"dim": 16, "max_len": AUDIO_MAX},
+        "text": {"dim": 8, "max_len": TEXT_MAX},
+    }
+    assert meta["features"]["audio"]["n_mels"] == 16
+    assert meta["sample_rate"] == 16000 and meta["crop"] == "end"
+    assert set(meta["signatures"]) == {"serving_default", "serving_waveform"}
+    assert ex.metadata_config(meta) == cfg
+    # Nothing half-written is left for TF Serving to pick up.
+    assert sorted(p.name for p in (base / "tiny").iterdir()) == ["1"]
+
+
+def test_signatures_named_dynamic_inputs_and_outputs(exported):
+    _, _, _, path = exported
+    loaded = tf.saved_model.load(str(path))
+    fn = loaded.signatures["serving_default"]
+    _, kwargs = fn.structured_input_signature
+    assert {k: (v.dtype, v.shape.as_list()) for k, v in kwargs.items()} == {
+        "audio": (tf.float32, [None, None, 16]),
+        "audio_mask": (tf.int32, [None, None]),
+        "text": (tf.float32, [None, None, 8]),
+        "text_mask": (tf.int32, [None, None]),
+    }
+    outs = fn.structured_outputs
+    assert set(outs) == {"probabilities", "class_id"}
+    assert outs["probabilities"].shape.as_list() == [None, 3]
+    assert outs["class_id"].shape.as_list() == [None] and outs["class_id"].dtype == tf.int32
+    _, wkwargs = loaded.signatures["serving_waveform"].structured_input_signature
+    assert {k: v.shape.as_list() for k, v in wkwargs.items()} == {
+        "waveform": [None, None],
+        "waveform_length": [None],
+        "text": [None, None, 8],
+        "text_mask": [None, None],
+    }
+
+
+def test_reloaded_export_matches_keras_and_crops_like_training(exported):
+    _, model, base, _ = exported
+    loaded = ex.load_exported(base / "tiny")  # base folder → latest version
+    rng = np.random.default_rng(0)
+    for batch in (1, 3):
+        inputs = random_inputs(rng, batch)
+        got = loaded.predict(inputs)
+        np.testing.assert_allclose(got["probabilities"], keras_probs(model, inputs), atol=1e-5)
+        np.testing.assert_array_equal(got["class_id"], got["probabilities"].argmax(-1))
+    # Longer than trained: the end is cropped; values past the crop change nothing.
+    long = random_inputs(rng, 3, audio_len=AUDIO_MAX + 7, text_len=TEXT_MAX + 3)
+    cropped = {
+        k: v[:, :AUDIO_MAX] if k.startswith("audio") else v[:, :TEXT_MAX] for k, v in long.items()
+    }
+    np.testing.assert_allclose(
+        loaded.predict(long)["probabilities"], keras_probs(model, cropped), atol=1e-5
+    )
+    # Shorter than trained: padded in the graph; garbage at masked steps is ignored.
+    short = random_inputs(rng, 3, audio_len=AUDIO_MAX - 9, text_len=TEXT_MAX - 2)
+    noisy = dict(short, audio=short["audio"] + 5.0 * (1 - short["audio_mask"])[:, :, None])
+    padded = {
+        k: np.pad(
+            v,
+            [(0, 0), (0, (AUDIO_MAX if k.startswith("audio") else TEXT_MAX) - v.shape[1])]
+            + [(0, 0)] * (v.ndim - 2),
+        )
+        for k, v in short.items()
+    }
+    np.testing.assert_allclose(
+        loaded.predict(noisy)["probabilities"], keras_probs(model, padded), atol=1e-5
+    )
+
+
+def test_waveform_signature_equals_logmel_then_default(exported):
+    cfg, _, base, path = exported
+    loaded = ex.load_exported(path)
+    rng = np.random.default_rng(3)
+    lengths = np.array([16000, 3000, 9000], np.int32)  # 1 s is longer than AUDIO_MAX frames
+    waves = np.zeros((3, 16000), np.float32)
+    for i, n in enumerate(lengths):
+        waves[i, :n] = 0.1 * rng.standard_normal(n)
+    text = random_inputs(rng, 3, modalities=("text",))
+    got = loaded.predict(
+        {"waveform": waves, "waveform_length": lengths, **text}, signature="serving_waveform"
+    )
+    feats = LogMelExtractor(cfg.features.audio).extract([w[:n] for w, n in zip(waves, lengths)])
+    audio = np.zeros((3, AUDIO_MAX, 16), np.float32)
+    mask = np.zeros((3, AUDIO_MAX), np.int32)
+    for i, f in enumerate(feats):
+        n = min(len(f), AUDIO_MAX)
+        audio[i, :n], mask[i, :n] = f[:n], 1
+    want = loaded.predict({"audio": audio, "audio_mask": mask, **text})
+    np.testing.assert_allclose(got["probabilities"], want["probabilities"], atol=1e-5)
+
+
+def test_versions_next_free_and_never_overwritten(exported, tmp_path):
+    cfg, model, base, path = exported
+    assert ex.list_versions(base / "tiny") == [1] and ex.next_version(base / "tiny") == 2
+    assert ex.next_version(tmp_path / "new") == 1
+    with pytest.raises(ValueError, match="already exists"):
+        ex.export_model(
+            model,
+            cfg,
+            LABELS,
+            feature_metadata(cfg),
+            base_dir=base,
+            name="tiny",
+            version=1,
+            verify=False,
+        )
+    # A version folder being copied in (no saved_model.pb yet) still takes its number, but
+    # resolving the base folder picks the latest complete version.
+    (base / "tiny" / "7").mkdir()
+    assert ex.next_version(base / "tiny") == 8
+    assert ex.resolve_export_dir(base / "tiny") == path
+    (base / "tiny" / "7").rmdir()
+
+
+def test_verification_catches_a_different_model(exported):
+    cfg, _, _, path = exported
+    keras.utils.set_random_seed(99)
+    other = build_model(cfg)
+    with pytest.raises(ValueError, match="differs from the Keras model"):
+        ex.verify_export(path, other, batch_sizes=(1,), check_cli=False)
+
+
+def test_cli_listing_check_fails_on_missing_signature(exported):
+    _, _, _, path = exported
+    meta = json.loads((path / "assets" / "ks_keras.json").read_text())
+    listing = (
+        "signature_def['serving_default']:\n  inputs['audio'] tensor_info:\n"
+        "  inputs['audio_mask']\n inputs['text']\n inputs['text_mask']\n"
+        "  outputs['probabilities']\n outputs['class_id']\n"
+    )
+    with pytest.raises(ValueError, match="serving_waveform"):
+        ex._check_cli_listing(listing, meta, path)
+    meta["signatures"].pop("serving_waveform")
+    assert ex._check_cli_listing(listing, meta, path) == ["serving_default"]
+    with pytest.raises(ValueError, match="no output 'class_id'"):
+        ex._check_cli_listing(listing.replace("outputs['class_id']", ""), meta, path)
+
+
+def test_bad_requests_are_clear_errors(exported):
+    _, _, _, path = exported
+    loaded = ex.load_exported(path)
+    good = random_inputs(np.random.default_rng(1), 2)
+    with pytest.raises(ValueError, match="'audio' has 24 steps but 'audio_mask' has 23"):
+        loaded.predict(dict(good, audio_mask=good["audio_mask"][:, :-1]))
+    with pytest.raises(ValueError, match=r"input 'text' has shape \(2, 6, 5\)"):
+        loaded.predict(dict(good, text=good["text"][:, :, :5]))
+    with pytest.raises(ValueError, match="missing \\['text_mask'\\]"):
+        loaded.predict({k: v for k, v in good.items() if k != "text_mask"})
+    with pytest.raises(ValueError, match="no signature 'nope'"):
+        loaded.predict(good, signature="nope")
+    # The graph's own check, as TF Serving would report it to a client.
+    fn = loaded.loaded.signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        fn(
+            **{
+                k: tf.constant(v)
+                for k, v in dict(
+                    good, text=good["text"][:1], text_mask=good["text_mask"][:1]
+                ).items()
+            }
+        )
+    assert ex.tf_error_summary(info.value) == "'audio' and 'text' must have the same batch size"
+
+
+def test_not_an_export_is_a_clear_error(exported, tmp_path):
+    _, _, _, path = exported
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        ex.load_exported(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a ks_keras export"):
+        ex.load_exported(tmp_path / "empty")
+    # A SavedModel that is not ours (no assets/ks_keras.json).
+    foreign = tmp_path / "foreign" / "1"
+    module = tf.Module()
+    module.f = tf.function(
+        lambda x: {"y": x * 2.0}, input_signature=[tf.TensorSpec([None], tf.float32)]
+    )
+    tf.saved_model.save(module, str(foreign), signatures={"serving_default": module.f})
+    with pytest.raises(ValueError, match="not a ks_keras export"):
+        ex.load_exported(tmp_path / "foreign")
+    # A corrupt graph file with valid metadata.
+    broken = tmp_path / "broken" / "1"
+    (broken / "assets").mkdir(parents=True)
+    (broken / "saved_model.pb").write_bytes(b"not a protobuf")
+    (broken / "assets" / "ks_keras.json").write_text(
+        (path / "assets" / "ks_keras.json").read_text()
+    )
+    with pytest.raises(ValueError, match="does not load"):
+        ex.load_exported(broken)
+
+
+def test_export_rejects_mismatches(exported, tmp_path):
+    cfg, model, _, _ = exported
+    meta = feature_metadata(cfg)
+    with pytest.raises(ValueError, match="3 classes .* 2 labels"):
+        ex.export_model(model, cfg, LABELS[:2], meta, base_dir=tmp_path, verify=False)
+    with pytest.raises(ValueError, match="model.audio_dim=32"):
+        ex.export_model(
+            model,
+            tiny_config(model={"audio_dim": 32}),
+            LABELS,
+            meta,
+            base_dir=tmp_path,
+            verify=False,
+        )
+    with pytest.raises(ValueError, match="feature_metadata.*text"):
+        ex.export_model(
+            model, cfg, LABELS, {"audio": meta["audio"]}, base_dir=tmp_path, verify=False
+        )
+    with pytest.raises(ValueError, match="export name"):
+        ex.export_model(model, cfg, LABELS, meta, base_dir=tmp_path, name="a/b", verify=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_audio_only_and_normalised_features(tmp_path):
+    cfg = tiny_config(
+        model={"modalities": ["audio"]},
+        features={"audio": {"type": "logmel", "n_mels": 16, "normalize": "global"}},
+    )
+    model = build_model(cfg)
+    path = ex.export_model(
+        model,
+        cfg,
+        LABELS,
+        feature_metadata(cfg),
+        base_dir=tmp_path,
+        name="audio_only",
+        verify=False,
+    )
+    meta = json.loads((path / "assets" / "ks_keras.json").read_text())
+    # Normalisation statistics are not in the graph, so no raw-waveform signature.
+    assert list(meta["signatures"]) == ["serving_default"]
+    assert "normalize" in meta["notes"][0]
+    assert set(meta["signatures"]["serving_default"]["inputs"]) == {"audio", "audio_mask"}
+    inputs = random_inputs(np.random.default_rng(2), 2, modalities=("audio",))
+    np.testing.assert_allclose(
+        ex.load_exported(path).predict(inputs)["probabilities"],
+        keras_probs(model, inputs),
+        atol=1e-5,
+    )
+
+
+def test_cli_export_from_keras_file_with_sidecar(tmp_path, capsys):
+    cfg = tiny_config(model={"modalities": ["audio"]})
+    model = build_model(cfg)
+    model_path = tmp_path / "run" / "best.keras"
+    model_path.parent.mkdir()
+    model.save(model_path)
+    argv = [
+        "export",
+        "--model",
+        str(model_path),
+        "--base-dir",
+        str(tmp_path / "out"),
+        "--name",
+        "cli",
+        "--no-verify",
+    ]
+    # Without a sidecar or a config the command cannot know labels/features: clean error.
+    assert cli.main(argv) == 1
+    assert "no sidecar best.keras.json" in capsys.readouterr().err
+    sidecar = ex.write_model_sidecar(model_path, cfg, LABELS, feature_metadata(cfg))
+    assert sidecar.name == "best.keras.json"
+    assert ex.read_model_sidecar(model_path)["labels"] == LABELS
+    assert cli.main(argv) == 0
+    assert "exported" in capsys.readouterr().out
+    loaded = ex.load_exported(tmp_path / "out" / "cli")
+    assert loaded.path.name == "1" and loaded.labels == LABELS
+    inputs = random_inputs(np.random.default_rng(5), 2, modalities=("audio",))
+    np.testing.assert_allclose(
+        loaded.predict(inputs)["probabilities"], keras_probs(model, inputs), atol=1e-5
+    )
+    # --config without a sidecar works too (labels from data.labels).
+    sidecar.unlink()
+    save_config(cfg, tmp_path / "cfg.yaml")
+    assert cli.main([*argv, "--config", str(tmp_path / "cfg.yaml"), "--version", "5"]) == 0
+    assert ex.load_exported(tmp_path / "out" / "cli").path.name == "5"
+    # A corrupt .keras file is a clean error.
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"garbage")
+    assert (
+        cli.main(
+            [
+                "export",
+                "--model",
+                str(bad),
+                "--config",
+                str(tmp_path / "cfg.yaml"),
+                "--base-dir",
+                str(tmp_path / "out"),
+                "--no-verify",
+            ]
+        )
+        == 1
+    )
+    assert "cannot load as a Keras model" in capsys.readouterr().err
