@@ -1,0 +1,97 @@
+"""Feature extractors (log-mel, Hugging Face audio/text) and the on-disk feature cache.
+
+Example:
+
+```python
+from ks_keras.config import load_config
+from ks_keras.features import feature_dims, get_audio_extractor, get_text_extractor
+
+cfg = load_config("configs/emodb_demo.yaml")
+audio = get_audio_extractor(cfg.features.audio)   # LogMelExtractor, dim 80
+text = get_text_extractor(cfg.features.text)      # HFTextExtractor (MiniLM), dim 384
+feature_dims(cfg.features)                        # (80, 384), without loading any model
+```
+"""
+
+from __future__ import annotations
+
+from ks_keras.config import AudioFeatureConfig, FeaturesConfig, TextFeatureConfig
+from ks_keras.features.base import FeatureExtractor
+
+
+def get_audio_extractor(cfg: AudioFeatureConfig) -> FeatureExtractor:
+    """The extractor for `features.audio` (models load lazily on the first `extract`)."""
+    if cfg.sample_rate <= 0:
+        raise ValueError(
+            f"features.audio.sample_rate: expected a positive rate, got {cfg.sample_rate}"
+        )
+    if cfg.type == "logmel":
+        from ks_keras.features.logmel import LogMelExtractor
+
+        return LogMelExtractor(cfg)
+    if cfg.type == "hf":
+        from ks_keras.features.hf import HFAudioExtractor
+
+        return HFAudioExtractor(cfg)
+    raise ValueError(f"features.audio.type: expected 'logmel' or 'hf', got {cfg.type!r}")
+
+
+def get_text_extractor(cfg: TextFeatureConfig) -> FeatureExtractor:
+    """The extractor for `features.text` (default: the offline MiniLM, 384-d)."""
+    if cfg.type == "hf":
+        from ks_keras.features.hf import HFTextExtractor
+
+        return HFTextExtractor(cfg)
+    raise ValueError(f"features.text.type: expected 'hf', got {cfg.type!r}")
+
+
+def feature_dims(features_cfg: FeaturesConfig) -> tuple[int, int]:
+    """`(audio_dim, text_dim)` the configured extractors produce, read from settings and
+    model `config.json` files only (no model is loaded).
+
+    `model.audio_dim` / `model.text_dim` must equal these for the modalities in use.
+    """
+    from ks_keras.features.hf import _hidden_width, read_model_config, resolve_model_folder
+
+    audio = features_cfg.audio
+    if audio.type == "logmel":
+        audio_dim = audio.n_mels
+    else:
+        field = "features.audio.model_path"
+        if audio.model_path is None:
+            raise ValueError(f"{field}: required when features.audio.type is 'hf'")
+        folder = resolve_model_folder(audio.model_path, field)
+        audio_dim = _hidden_width(read_model_config(folder), folder, field)
+    field = "features.text.model_path"
+    folder = resolve_model_folder(features_cfg.text.model_path, field)
+    text_dim = _hidden_width(read_model_config(folder), folder, field)
+    return audio_dim, text_dim
+
+
+def check_model_dims(cfg) -> None:
+    """Raise a ValueError if `model.<modality>_dim` differs from the extractor's width, for
+    the modalities in `model.modalities` only."""
+    audio_dim, text_dim = feature_dims(cfg.features)
+    problems = []
+    dims = {"audio": audio_dim, "text": text_dim}
+    for modality in cfg.model.modalities:
+        want = getattr(cfg.model, f"{modality}_dim")
+        if want != dims[modality]:
+            problems.append(
+                f"model.{modality}_dim={want} but the configured features."
+                f"{modality} extractor gives {dims[modality]}-d features"
+            )
+    if problems:
+        raise ValueError(
+            "; ".join(problems) + "; set the model dims to match "
+            "(e.g. --set model.audio_dim=80 model.text_dim=384 for log-mel + MiniLM)"
+        )
+
+
+__all__ = [
+    "FeatureExtractor",
+    "check_model_dims",
+    "feature_dims",
+    "get_audio_extractor",
+    "get_text_extractor",
+]

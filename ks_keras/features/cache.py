@@ -1,0 +1,614 @@
+"""On-disk feature cache: sharded TFRecords plus JSON metadata.
+
+Layout of `features.cache_dir`:
+
+```
+metadata.json          extractor metadata per modality, dims, frame rates, completeness
+shard-00000.tfrecord   one tf.train.Example per utterance (id, shard, audio, text, lengths)
+shard-00000.json       the shard's index: [id, source key, audio frames, text tokens] per row
+```
+
+Why TFRecords: `tf.data` streams them without holding the corpus in memory (wav2vec features
+of IEMOCAP are several GB), shards give natural resume points, and the format needs no extra
+dependency. Features are stored unpadded and unnormalised (float32); cropping, padding and
+normalisation happen in `ks_keras.data`.
+
+Atomicity and resume: a shard is written to `*.tmp` and renamed, then its index is written
+the same way; a shard counts as finished only once its index exists. A killed run leaves at
+most a temp file (removed on the next run) or a shard without an index (overwritten), so a
+re-run extracts exactly the unfinished utterances. An utterance is re-extracted when its
+*source key* (file name, file size, transcript) changes; later shards win over earlier ones.
+
+Invalidation: `metadata.json` records each extractor's `metadata` (settings, model folder and
+file hashes, package versions). If the configured extractors differ, the cache is invalidated
+with a message naming what changed, its shards are deleted, and extraction starts afresh.
+
+Example:
+
+```python
+cache = extract_corpus(cfg, corpus)        # no-op when everything is already there
+audio, text = cache.get("03a01Fa")         # [T, 80], [Tt, 384] float32
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ks_keras.audio import load_audio
+from ks_keras.config import Config
+from ks_keras.corpora.manifest import Corpus, Utterance
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+SHARD_GLOB = "shard-*.tfrecord"
+MODALITIES = ("audio", "text")
+# Transcripts remembered across shards so repeated sentences are encoded once.
+TEXT_MEMO_SIZE = 4096
+
+
+def _shard_name(number: int) -> str:
+    return f"shard-{number:05d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def source_key(utt: Utterance, modalities: tuple[str, ...]) -> str:
+    """What an utterance's features depend on besides the extractors: its audio file (name and
+    size; content hashing would read the whole corpus on every run) and its transcript."""
+    parts = [utt.id]
+    if "audio" in modalities:
+        path = Path(utt.path)
+        parts += [path.name, str(path.stat().st_size if path.exists() else -1)]
+    if "text" in modalities:
+        parts.append(utt.text)
+    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            where = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{where} added")
+            elif k not in new:
+                out.append(f"{where} removed")
+            else:
+                out += _diff(old[k], new[k], where)
+        return out
+    if old != new:
+        short = [json.dumps(v)[:60] for v in (old, new)]
+        return [f"{prefix}: {short[0]} → {short[1]}"]
+    return []
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    shard: int
+    key: str
+    audio_len: int
+    text_len: int
+
+
+class FeatureCache:
+    """Read access to an extracted feature cache (see the module docstring).
+
+    Attributes:
+        cache_dir: the folder.
+        metadata: the parsed `metadata.json`.
+        modalities: modalities stored, e.g. `("audio", "text")`.
+        dims: `{modality: feature width}`.
+        entries: `{utterance id: CacheEntry}` (latest version of each utterance).
+    """
+
+    def __init__(self, cache_dir: Path, metadata: dict[str, Any], entries: dict[str, CacheEntry]):
+        self.cache_dir = cache_dir
+        self.metadata = metadata
+        self.modalities = tuple(metadata["modalities"])
+        self.dims = {m: int(metadata["dims"][m]) for m in self.modalities}
+        self.entries = entries
+        # Set by `extract_corpus`: what its run did (for summaries).
+        self.last_run: dict[str, Any] | None = None
+        self._shards: OrderedDict[int, dict[str, dict[str, np.ndarray]]] = OrderedDict()
+
+    @classmethod
+    def open(cls, cache_dir: str | Path) -> FeatureCache:
+        """Open an existing cache (finished shards only).
+
+        Raises:
+            FileNotFoundError: no `metadata.json` in `cache_dir`.
+            ValueError: unreadable metadata or a format this version does not know.
+        """
+        cache_dir = Path(cache_dir)
+        meta_path = cache_dir / METADATA_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"no feature cache at {cache_dir} ({METADATA_FILE} missing); run "
+                f"`ks-keras features --config …` first"
+            )
+        try:
+            metadata = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{meta_path}: cache format {metadata.get('format_version')!r}, "
+                f"this version reads {FORMAT_VERSION}; delete the folder"
+            )
+        return cls(cache_dir, metadata, _read_indexes(cache_dir))
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, utt_id: str) -> bool:
+        return utt_id in self.entries
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.entries)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.metadata.get("complete"))
+
+    def shard_path(self, number: int) -> Path:
+        return self.cache_dir / f"{_shard_name(number)}.tfrecord"
+
+    def shard_files(self) -> list[str]:
+        """Finished shard files holding at least one current entry, in shard order."""
+        return [str(self.shard_path(n)) for n in sorted({e.shard for e in self.entries.values()})]
+
+    def lengths(self, utt_ids: list[str], modality: str) -> np.ndarray:
+        """Unpadded frame/token counts of the given utterances."""
+        self._check_modality(modality)
+        self.check_ids(utt_ids)
+        attr = f"{modality}_len"
+        return np.array([getattr(self.entries[i], attr) for i in utt_ids], np.int64)
+
+    def check_ids(self, utt_ids: list[str]) -> None:
+        missing = [i for i in utt_ids if i not in self.entries]
+        if missing:
+            from ks_keras.corpora.manifest import _listing
+
+            raise ValueError(
+                f"{len(missing)} utterance(s) not in the feature cache {self.cache_dir}: "
+                f"{_listing(missing)}; run `ks-keras features` with the same config"
+            )
+
+    def _check_modality(self, modality: str) -> None:
+        if modality not in self.modalities:
+            raise ValueError(
+                f"the feature cache {self.cache_dir} holds {list(self.modalities)}"
+                f" features, not {modality!r}; extract with model.modalities "
+                f"including {modality!r}"
+            )
+
+    def _load_shard(self, number: int) -> dict[str, dict[str, np.ndarray]]:
+        if number in self._shards:
+            self._shards.move_to_end(number)
+            return self._shards[number]
+        records = {}
+        for utt_id, shard, arrays in _iter_shard_file(self.shard_path(number), self.dims):
+            if shard == number:
+                records[utt_id] = arrays
+        self._shards[number] = records
+        while len(self._shards) > 4:  # a few decoded shards are plenty for grouped access
+            self._shards.popitem(last=False)
+        return records
+
+    def get(self, utt_id: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """`(audio [T, Da], text [Tt, Dt])` float32 of one utterance (None if not stored)."""
+        self.check_ids([utt_id])
+        arrays = self._load_shard(self.entries[utt_id].shard)[utt_id]
+        return arrays.get("audio"), arrays.get("text")
+
+    def iter_records(
+        self, utt_ids: list[str] | None = None
+    ) -> Iterator[tuple[str, np.ndarray | None, np.ndarray | None]]:
+        """Yield `(id, audio, text)` for the given ids (default: all), shard by shard."""
+        wanted = self.ids if utt_ids is None else list(utt_ids)
+        self.check_ids(wanted)
+        by_shard: dict[int, list[str]] = {}
+        for i in wanted:
+            by_shard.setdefault(self.entries[i].shard, []).append(i)
+        for number in sorted(by_shard):
+            records = self._load_shard(number)
+            for i in by_shard[number]:
+                yield i, records[i].get("audio"), records[i].get("text")
+
+    # -- tf.data --------------------------------------------------------------------------
+
+    def parse_fn(self):
+        """A function `serialized Example → {"id", "shard", "audio", "text"}` for tf.data."""
+        import tensorflow as tf
+
+        spec = {
+            "id": tf.io.FixedLenFeature([], tf.string),
+            "shard": tf.io.FixedLenFeature([], tf.int64),
+        }
+        for m in self.modalities:
+            spec[m] = tf.io.FixedLenFeature([], tf.string)
+            spec[f"{m}_len"] = tf.io.FixedLenFeature([], tf.int64)
+        dims = dict(self.dims)
+
+        def parse(serialized):
+            ex = tf.io.parse_single_example(serialized, spec)
+            out = {"id": ex["id"], "shard": ex["shard"]}
+            for m, dim in dims.items():
+                flat = tf.io.decode_raw(ex[m], tf.float32, little_endian=True)
+                out[m] = tf.reshape(flat, [-1, dim])
+            return out
+
+        return parse
+
+
+def _read_indexes(cache_dir: Path) -> dict[str, CacheEntry]:
+    entries: dict[str, CacheEntry] = {}
+    for index in sorted(cache_dir.glob("shard-*.json")):
+        number = int(index.stem.split("-")[1])
+        if not (cache_dir / f"{_shard_name(number)}.tfrecord").is_file():
+            continue
+        try:
+            rows = json.loads(index.read_text())["utterances"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(
+                f"{index}: corrupt shard index ({e}); delete the cache folder"
+            ) from None
+        for utt_id, key, audio_len, text_len in rows:
+            entries[utt_id] = CacheEntry(number, key, int(audio_len), int(text_len))
+    return entries
+
+
+def _iter_shard_file(path: Path, dims: dict[str, int]):
+    import tensorflow as tf
+
+    for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+        ex = tf.train.Example.FromString(raw)
+        f = ex.features.feature
+        arrays = {}
+        for m, dim in dims.items():
+            flat = np.frombuffer(f[m].bytes_list.value[0], dtype="<f4")
+            arrays[m] = flat.reshape(-1, dim).astype(np.float32)
+        yield f["id"].bytes_list.value[0].decode(), int(f["shard"].int64_list.value[0]), arrays
+
+
+def _example(utt_id: str, shard: int, arrays: dict[str, np.ndarray]) -> bytes:
+    import tensorflow as tf
+
+    def b(v: bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    def i(v: int):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+
+    feats = {"id": b(utt_id.encode()), "shard": i(shard)}
+    for m, x in arrays.items():
+        feats[m] = b(np.ascontiguousarray(x, dtype="<f4").tobytes())
+        feats[f"{m}_len"] = i(int(x.shape[0]))
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+# -- extraction ---------------------------------------------------------------------------
+
+
+def build_extractors(cfg: Config) -> dict[str, Any]:
+    """The configured extractors for `model.modalities` (models load lazily)."""
+    from ks_keras.features import get_audio_extractor, get_text_extractor
+
+    out = {}
+    for m in MODALITIES:
+        if m in cfg.model.modalities:
+            out[m] = (
+                get_audio_extractor(cfg.features.audio)
+                if m == "audio"
+                else get_text_extractor(cfg.features.text)
+            )
+    return out
+
+
+def cache_metadata(extractors: dict[str, Any]) -> dict[str, Any]:
+    """What `metadata.json` must say for features from these extractors."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "modalities": list(extractors),
+        "extractors": {m: e.metadata for m, e in extractors.items()},
+        "names": {m: e.name for m, e in extractors.items()},
+        "dims": {m: e.dim for m, e in extractors.items()},
+        "frame_rates": {m: e.frame_rate for m, e in extractors.items()},
+    }
+
+
+_IDENTITY_KEYS = ("format_version", "modalities", "extractors")
+
+
+def check_compatible(cache: FeatureCache, cfg: Config) -> None:
+    """Raise a ValueError if `cache` was not built with the extractors `cfg` configures."""
+    expected = cache_metadata(build_extractors(cfg))
+    diffs = _diff(
+        {k: cache.metadata.get(k) for k in _IDENTITY_KEYS}, {k: expected[k] for k in _IDENTITY_KEYS}
+    )
+    if diffs:
+        raise ValueError(
+            f"the feature cache {cache.cache_dir} was built with other settings "
+            f"({'; '.join(diffs[:5])}); run `ks-keras features` with this config"
+        )
+
+
+def _prepare_dir(cache_dir: Path, metadata: dict[str, Any]) -> None:
+    """Create the folder, or invalidate it if it was built with different extractors."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = cache_dir / METADATA_FILE
+    ours = list(cache_dir.glob("shard-*"))
+    if meta_path.is_file():
+        try:
+            old = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        diffs = _diff(
+            {k: old.get(k) for k in _IDENTITY_KEYS}, {k: metadata[k] for k in _IDENTITY_KEYS}
+        )
+        if diffs:
+            shown = "; ".join(diffs[:5]) + (f"; … {len(diffs) - 5} more" if len(diffs) > 5 else "")
+            logger.warning(
+                "feature cache %s was built with different extractor settings "
+                "(%s): invalidating it and extracting again",
+                cache_dir,
+                shown,
+            )
+            for path in ours:
+                path.unlink()
+    elif ours:
+        raise ValueError(
+            f"{cache_dir}: holds shard files but no {METADATA_FILE}; it is not a "
+            f"feature cache this version wrote; delete it or choose another "
+            f"features.cache_dir"
+        )
+    # Leftovers of a killed run.
+    for tmp in cache_dir.glob("*.tmp"):
+        tmp.unlink()
+
+
+def _extract_checked(extractor, inputs: list, ids: list[str]) -> list[np.ndarray]:
+    """Run an extractor on a batch; errors and bad outputs name the utterance."""
+    try:
+        feats = extractor.extract(inputs)
+    except ValueError:
+        # Find the offending utterance(s) one by one so the message can name them.
+        for utt_id, item in zip(ids, inputs):
+            try:
+                extractor.extract([item])
+            except ValueError as e:
+                raise ValueError(
+                    f"utterance {utt_id}: {extractor.modality} features: {e}"
+                ) from None
+        raise
+    for utt_id, x in zip(ids, feats):
+        if x.ndim != 2 or x.shape[1] != extractor.dim:
+            raise ValueError(
+                f"utterance {utt_id}: {extractor.name} returned shape {x.shape}, "
+                f"expected [T, {extractor.dim}]"
+            )
+        if not np.isfinite(x).all():
+            raise ValueError(f"utterance {utt_id}: {extractor.name} produced NaN/inf features")
+    return feats
+
+
+def extract_corpus(
+    cfg: Config,
+    corpus: Corpus,
+    progress: bool = True,
+    on_shard_done: Callable[[int], None] | None = None,
+    extractors: dict[str, Any] | None = None,
+) -> FeatureCache:
+    """Extract every utterance of `corpus` once into `features.cache_dir`.
+
+    Modalities are those of `model.modalities`. Finished shards are kept; only missing or
+    changed utterances are extracted; changed extractor settings invalidate the cache.
+
+    Args:
+        cfg: the config (`features.*`, `model.modalities`).
+        corpus: the utterances to cover.
+        progress: show a tqdm bar (utterances/s) and a summary line.
+        on_shard_done: called with the shard number after each shard is committed.
+        extractors: `{modality: extractor}` to use instead of the configured ones (tests,
+            custom front-ends); each needs the `FeatureExtractor` interface.
+
+    Returns:
+        The opened `FeatureCache`.
+    """
+    from tqdm.auto import tqdm
+
+    cache_dir = Path(cfg.features.cache_dir)
+    if cfg.features.shard_size < 1:
+        raise ValueError(f"features.shard_size: expected >= 1, got {cfg.features.shard_size}")
+    if extractors is None:
+        extractors = build_extractors(cfg)
+    unknown = sorted(set(extractors) - set(MODALITIES))
+    if unknown or not extractors:
+        raise ValueError(f"extractors: expected keys among {MODALITIES}, got {sorted(extractors)}")
+    modalities = tuple(m for m in MODALITIES if m in extractors)
+    extractors = {m: extractors[m] for m in modalities}
+    metadata = cache_metadata(extractors)
+    _prepare_dir(cache_dir, metadata)
+    entries = _read_indexes(cache_dir)
+    todo = [
+        u
+        for u in corpus.utterances
+        if u.id not in entries or entries[u.id].key != source_key(u, modalities)
+    ]
+
+    if "text" in extractors and cfg.features.text.empty_text == "error":
+        from ks_keras.corpora.manifest import _listing
+
+        empty = [u.id for u in todo if not u.text.strip()]
+        if empty:
+            raise ValueError(
+                f"{len(empty)} utterance(s) have an empty transcript: {_listing(empty)}; fix the "
+                f"manifest, leave 'text' out of model.modalities, or set "
+                f"features.text.empty_text: placeholder"
+            )
+    _atomic_write_text(
+        cache_dir / METADATA_FILE, json.dumps({**metadata, "complete": False}, indent=1)
+    )
+
+    next_shard = 1 + max(
+        [int(p.stem.split("-")[1]) for p in cache_dir.glob("shard-*.json")], default=-1
+    )
+    shard_size = cfg.features.shard_size
+    audio_cfg = cfg.features.audio
+    started = time.perf_counter()
+    audio_seconds = 0.0
+    text_memo: dict[str, np.ndarray] = {}
+    bar = tqdm(
+        total=len(todo),
+        unit="utt",
+        desc=f"features → {cache_dir}",
+        disable=not progress or not todo,
+        dynamic_ncols=True,
+    )
+    try:
+        for start in range(0, len(todo), shard_size):
+            batch = todo[start : start + shard_size]
+            ids = [u.id for u in batch]
+            features: dict[str, list[np.ndarray]] = {}
+            if "audio" in extractors:
+                waves = [
+                    load_audio(u.path, audio_cfg.sample_rate, audio_cfg.min_seconds) for u in batch
+                ]
+                audio_seconds += sum(len(w) for w in waves) / audio_cfg.sample_rate
+                features["audio"] = _extract_checked(extractors["audio"], waves, ids)
+            if "text" in extractors:
+                # Identical transcripts are encoded once (EmoDB reads 10 sentences 535 times).
+                unique = [t for t in dict.fromkeys(u.text for u in batch) if t not in text_memo]
+                owners = [next(u.id for u in batch if u.text == t) for t in unique]
+                if len(text_memo) > TEXT_MEMO_SIZE:
+                    text_memo.clear()
+                text_memo.update(zip(unique, _extract_checked(extractors["text"], unique, owners)))
+                features["text"] = [text_memo[u.text] for u in batch]
+            number = next_shard + start // shard_size
+            _write_shard(cache_dir, number, batch, features, modalities)
+            bar.update(len(batch))
+            if on_shard_done is not None:
+                on_shard_done(number)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    cache = FeatureCache.open(cache_dir)
+    missing = [u.id for u in corpus.utterances if u.id not in cache.entries]
+    complete = not missing
+    _atomic_write_text(
+        cache_dir / METADATA_FILE,
+        json.dumps({**metadata, "complete": complete, "num_utterances": len(cache)}, indent=1),
+    )
+    cache.metadata = json.loads((cache_dir / METADATA_FILE).read_text())
+    cache.last_run = {
+        "extracted": len(todo),
+        "seconds": elapsed,
+        "audio_seconds": audio_seconds,
+        "corpus_size": len(corpus),
+    }
+    if progress:
+        print(run_summary(cache))
+    return cache
+
+
+def run_summary(cache: FeatureCache) -> str:
+    """One line about the last `extract_corpus` run: work done, utterances/s, real-time factor."""
+    run = cache.last_run or {}
+    if not run.get("extracted"):
+        return (
+            f"features: {cache.cache_dir} is up to date ({run.get('corpus_size', len(cache))} "
+            f"utterances); nothing to extract"
+        )
+    rate = run["extracted"] / max(run["seconds"], 1e-9)
+    rtf = (
+        f", real-time factor {run['seconds'] / run['audio_seconds']:.4f}"
+        if run["audio_seconds"]
+        else ""
+    )
+    return (
+        f"features: extracted {run['extracted']} utterance(s) in {run['seconds']:.1f} s "
+        f"({rate:.1f} utt/s{rtf}) into {cache.cache_dir}"
+    )
+
+
+def _write_shard(
+    cache_dir: Path,
+    number: int,
+    batch: list[Utterance],
+    features: dict[str, list[np.ndarray]],
+    modalities: tuple[str, ...],
+) -> None:
+    import tensorflow as tf
+
+    name = _shard_name(number)
+    final = cache_dir / f"{name}.tfrecord"
+    tmp = cache_dir / f"{name}.tfrecord.tmp"
+    rows = []
+    with tf.io.TFRecordWriter(str(tmp)) as writer:
+        for k, utt in enumerate(batch):
+            arrays = {m: features[m][k] for m in modalities}
+            writer.write(_example(utt.id, number, arrays))
+            rows.append(
+                [
+                    utt.id,
+                    source_key(utt, modalities),
+                    int(arrays["audio"].shape[0]) if "audio" in arrays else 0,
+                    int(arrays["text"].shape[0]) if "text" in arrays else 0,
+                ]
+            )
+    os.replace(tmp, final)
+    # The index is the commit point: a shard without one is unfinished.
+    _atomic_write_text(
+        cache_dir / f"{name}.json", json.dumps({"shard": number, "utterances": rows})
+    )
+
+
+def run_features(args) -> int:
+    """CLI: `ks-keras features --config … [--set …]`: extract the configured corpus."""
+    from ks_keras.config import load_config
+    from ks_keras.corpora import load_corpus
+    from ks_keras.features import check_model_dims
+
+    cfg = load_config(args.config, args.overrides)
+    check_model_dims(cfg)
+    corpus = load_corpus(cfg.data)
+    counts = ", ".join(f"{k} {v}" for k, v in corpus.counts().items())
+    print(
+        f"corpus {corpus.name}: {len(corpus)} utterances, {len(corpus.speakers)} speakers "
+        f"({counts})"
+    )
+    cache = extract_corpus(cfg, corpus, progress=not args.no_progress)
+    if args.no_progress:
+        print(run_summary(cache))
+    max_len = {"audio": cfg.data.audio_max_len, "text": cfg.data.text_max_len}
+    for m in cache.modalities:
+        lengths = cache.lengths(corpus.ids, m)
+        cropped = float(np.mean(lengths > max_len[m]))
+        print(
+            f"  {m:5s} {cache.metadata['names'][m]}: dim {cache.dims[m]}, length median "
+            f"{int(np.median(lengths))} max {int(lengths.max())} → batches [B, {max_len[m]}, "
+            f"{cache.dims[m]}] ({cropped:.0%} cropped)"
+        )
+    return 0

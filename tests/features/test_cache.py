@@ -1,0 +1,325 @@
+"""Feature cache: sharded TFRecords, no re-extraction, resume after a kill, invalidation."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ks_keras.audio import load_audio
+from ks_keras.cli import main
+from ks_keras.config import config_from_dict
+from ks_keras.corpora.manifest import Corpus
+from ks_keras.features import get_audio_extractor
+from ks_keras.features.cache import FeatureCache, check_compatible, extract_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_cfg(cache_dir, modalities=("audio", "text"), **audio):
+    return config_from_dict(
+        {
+            "model": {
+                "modalities": list(modalities),
+                "audio_dim": 16,
+                "text_dim": 8,
+                "num_heads": 2,
+                "num_classes": 3,
+            },
+            "features": {
+                "cache_dir": str(cache_dir),
+                "shard_size": 3,
+                "audio": {"n_mels": 16, **audio},
+            },
+        }
+    )
+
+
+class Counting:
+    """Wraps an extractor and records how many inputs it was asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.count = inner, 0
+        self.modality, self.name, self.dim = inner.modality, inner.name, inner.dim
+        self.frame_rate = inner.frame_rate
+
+    @property
+    def metadata(self):
+        return self.inner.metadata
+
+    def extract(self, batch):
+        self.count += len(batch)
+        return self.inner.extract(batch)
+
+
+def extractors(cfg, fake_text, **text):
+    return {
+        "audio": Counting(get_audio_extractor(cfg.features.audio)),
+        "text": Counting(fake_text(**text)),
+    }
+
+
+def test_extract_then_reuse(tmp_path, corpus, fake_text, capsys):
+    cfg = make_cfg(tmp_path / "cache")
+    ex = extractors(cfg, fake_text)
+    cache = extract_corpus(cfg, corpus, extractors=ex)
+    assert ex["audio"].count == 7
+    assert ex["text"].count == 6  # "the cat sat" appears twice: encoded once
+    assert "extracted 7 utterance(s)" in capsys.readouterr().out
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert files == ["metadata.json"] + [
+        f"shard-0000{i}.{e}" for i in range(3) for e in ("json", "tfrecord")
+    ]
+    meta = json.loads((tmp_path / "cache" / "metadata.json").read_text())
+    assert meta["complete"] and meta["num_utterances"] == 7
+    assert meta["dims"] == {"audio": 16, "text": 8} and meta["frame_rates"]["audio"] == 100.0
+    assert meta["extractors"]["audio"]["n_mels"] == 16
+
+    logmel = get_audio_extractor(cfg.features.audio)
+    for u in corpus.utterances:
+        audio, text = cache.get(u.id)
+        np.testing.assert_array_equal(audio, logmel.extract([load_audio(u.path)])[0])
+        np.testing.assert_array_equal(text, fake_text().extract([u.text])[0])
+    assert cache.lengths(["u0", "u6"], "text").tolist() == [3, 3]
+    assert [r[0] for r in cache.iter_records(["u5", "u1"])] == ["u1", "u5"]  # shard order
+
+    again = extractors(cfg, fake_text)
+    cache2 = extract_corpus(cfg, corpus, extractors=again)
+    assert again["audio"].count == 0 and again["text"].count == 0
+    assert "up to date" in capsys.readouterr().out
+    assert cache2.entries == cache.entries
+    reopened = FeatureCache.open(tmp_path / "cache")
+    assert reopened.complete and len(reopened) == 7
+
+
+def test_resume_after_interruption_with_leftovers(tmp_path, corpus, fake_text):
+    cfg = make_cfg(tmp_path / "cache")
+
+    def stop_after_first(shard):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_corpus(
+            cfg,
+            corpus,
+            progress=False,
+            on_shard_done=stop_after_first,
+            extractors=extractors(cfg, fake_text),
+        )
+    cache_dir = tmp_path / "cache"
+    assert not json.loads((cache_dir / "metadata.json").read_text())["complete"]
+    assert len(FeatureCache.open(cache_dir)) == 3
+    # What a kill can leave: a half-written temp file, and a renamed shard whose index was
+    # never written (killed between the two renames).
+    (cache_dir / "shard-00001.tfrecord.tmp").write_bytes(b"partial")
+    (cache_dir / "shard-00001.tfrecord").write_bytes(b"garbage, never indexed")
+    ex = extractors(cfg, fake_text)
+    cache = extract_corpus(cfg, corpus, progress=False, extractors=ex)
+    assert ex["audio"].count == 4  # only the unfinished utterances
+    assert not list(cache_dir.glob("*.tmp"))
+    assert cache.complete and sorted(cache.ids) == sorted(corpus.ids)
+    fresh = extract_corpus(
+        make_cfg(tmp_path / "fresh"), corpus, progress=False, extractors=extractors(cfg, fake_text)
+    )
+    for u in corpus.utterances:
+        for a, b in zip(cache.get(u.id), fresh.get(u.id)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_resume_after_sigkill(tmp_path, corpus_factory):
+    """A real process killed (SIGKILL) right after its second shard; the next run resumes."""
+    wav_dir, cache_dir = tmp_path / "wav", tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import make_corpus
+        from pathlib import Path
+        from ks_keras.config import config_from_dict
+        from ks_keras.features.cache import extract_corpus
+        cfg = config_from_dict({{"model": {{"modalities": ["audio"], "audio_dim": 16,
+                                  "num_heads": 2, "num_classes": 3}},
+                                "features": {{"cache_dir": {str(cache_dir)!r}, "shard_size": 3,
+                                             "audio": {{"n_mels": 16}}}}}})
+        def kill(shard):
+            if shard == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        extract_corpus(cfg, make_corpus(Path({str(wav_dir)!r})), progress=False,
+                       on_shard_done=kill)
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert len(FeatureCache.open(cache_dir)) == 6
+    corpus = corpus_factory(wav_dir)
+    cfg = make_cfg(cache_dir, modalities=("audio",))
+    ex = {"audio": Counting(get_audio_extractor(cfg.features.audio))}
+    cache = extract_corpus(cfg, corpus, progress=False, extractors=ex)
+    assert ex["audio"].count == 1 and cache.complete and len(cache) == 7
+    audio, text = cache.get("u6")
+    assert text is None and audio.shape[1] == 16
+
+
+def test_changed_extractor_invalidates_with_message(tmp_path, corpus, fake_text, caplog):
+    extract_corpus(
+        make_cfg(tmp_path / "c"),
+        corpus,
+        progress=False,
+        extractors=extractors(make_cfg(tmp_path / "c"), fake_text),
+    )
+    cfg = make_cfg(tmp_path / "c", n_mels=12)
+    ex = extractors(cfg, fake_text)
+    with caplog.at_level(logging.WARNING, logger="ks_keras.features.cache"):
+        cache = extract_corpus(cfg, corpus, progress=False, extractors=ex)
+    assert "different extractor settings" in caplog.text
+    assert "extractors.audio.n_mels: 16 → 12" in caplog.text
+    assert ex["audio"].count == 7 and cache.dims["audio"] == 12
+    assert cache.get("u0")[0].shape[1] == 12
+    # A text-extractor change is detected as well (and named).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ks_keras.features.cache"):
+        extract_corpus(
+            cfg, corpus, progress=False, extractors=extractors(cfg, fake_text, version=2)
+        )
+    assert "extractors.text.version: 1 → 2" in caplog.text
+
+
+def test_changed_and_new_utterances_only(tmp_path, corpus, corpus_factory, fake_text):
+    cfg = make_cfg(tmp_path / "c")
+    extract_corpus(cfg, corpus, progress=False, extractors=extractors(cfg, fake_text))
+    utts = list(corpus.utterances)
+    utts[2] = replace(utts[2], text="a corrected transcript")
+    extra = corpus_factory(tmp_path / "more", n=8).utterances[7]
+    bigger = Corpus(utts + [extra], corpus.labels)
+    ex = extractors(cfg, fake_text)
+    cache = extract_corpus(cfg, bigger, progress=False, extractors=ex)
+    assert ex["audio"].count == 2 and ex["text"].count == 2
+    assert cache.get("u2")[1].shape[0] == 3  # the new transcript has 3 words
+    assert len(cache) == 8
+
+
+def test_empty_transcripts_listed_before_any_work(tmp_path, corpus, fake_text):
+    utts = [replace(u, text="") if u.id in ("u1", "u4") else u for u in corpus.utterances]
+    cfg = make_cfg(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"2 utterance\(s\) have an empty transcript: u1, u4"):
+        extract_corpus(cfg, Corpus(utts, corpus.labels), extractors=extractors(cfg, fake_text))
+    assert not list((tmp_path / "c").glob("shard-*"))
+
+
+def test_bad_audio_names_the_file(tmp_path, corpus, fake_text):
+    Path(corpus["u4"].path).write_bytes(b"RIFF nonsense")
+    cfg = make_cfg(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"u4\.wav: cannot decode"):
+        extract_corpus(cfg, corpus, progress=False, extractors=extractors(cfg, fake_text))
+    assert len(FeatureCache.open(tmp_path / "c")) == 3  # the finished shard is kept
+
+
+def test_bad_extractor_output_names_the_utterance(tmp_path, corpus, fake_text):
+    class Broken(fake_text):
+        def extract(self, batch):
+            out = super().extract(batch)
+            if any(t == "one" for t in batch):
+                out[[t for t in batch].index("one")][0, 0] = np.nan
+            return out
+
+    class Failing(fake_text):
+        def extract(self, batch):
+            if "hello world" in batch:
+                raise ValueError("text batch item 0: boom")
+            return super().extract(batch)
+
+    cfg = make_cfg(
+        tmp_path / "c",
+    )
+    audio = get_audio_extractor(cfg.features.audio)
+    with pytest.raises(ValueError, match="utterance u4: fake_text produced NaN"):
+        extract_corpus(cfg, corpus, progress=False, extractors={"audio": audio, "text": Broken()})
+    with pytest.raises(ValueError, match="utterance u1: text features: text batch item 0: boom"):
+        extract_corpus(
+            make_cfg(tmp_path / "d"),
+            corpus,
+            progress=False,
+            extractors={"audio": audio, "text": Failing()},
+        )
+
+
+def test_open_and_compatibility_errors(tmp_path, corpus, fake_text):
+    with pytest.raises(FileNotFoundError, match="no feature cache"):
+        FeatureCache.open(tmp_path / "none")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "shard-00000.tfrecord").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a feature cache"):
+        extract_corpus(make_cfg(tmp_path / "foreign"), corpus)
+    cfg = make_cfg(tmp_path / "c", modalities=("audio",))
+    cache = extract_corpus(cfg, corpus, progress=False)
+    check_compatible(cache, cfg)
+    with pytest.raises(ValueError, match="n_mels"):
+        check_compatible(cache, make_cfg(tmp_path / "c", modalities=("audio",), n_mels=12))
+    with pytest.raises(ValueError, match=r"not in the feature cache.*: nope"):
+        cache.get("nope")
+    with pytest.raises(ValueError, match="holds \\['audio'\\] features, not 'text'"):
+        cache.lengths(["u0"], "text")
+    (tmp_path / "c" / "metadata.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        FeatureCache.open(tmp_path / "c")
+
+
+def test_cli_features_on_shipped_emodb(tmp_path, capsys):
+    """Log-mel + the real MiniLM on the shipped EmoDB (4-class view); the second run is a no-op."""
+    pytest.importorskip("transformers")
+    config = tmp_path / "emodb.yaml"
+    config.write_text(
+        textwrap.dedent(f"""
+        model: {{audio_dim: 80, text_dim: 384, num_heads: 4, num_classes: 4}}
+        data: {{corpus: emodb, labels: [angry, happy, neutral, sad]}}
+        features: {{cache_dir: {tmp_path / "cache"}, shard_size: 128}}
+    """)
+    )
+    assert main(["features", "--config", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "339 utterances" in out and "extracted 339 utterance(s)" in out
+    assert "batches [B, 460, 80]" in out and "batches [B, 20, 384]" in out
+    assert main(["features", "--config", str(config), "--no-progress"]) == 0
+    assert "nothing to extract" in capsys.readouterr().out
+    cache = FeatureCache.open(tmp_path / "cache")
+    assert cache.dims == {"audio": 80, "text": 384} and len(cache) == 339
+    # A model/feature width mismatch is caught before any work, naming the field.
+    assert (
+        main(
+            [
+                "features",
+                "--config",
+                str(config),
+                "--set",
+                "model.text_dim=1024",
+                "--set",
+                "model.num_heads=8",
+            ]
+        )
+        == 1
+    )
+    assert "model.text_dim=1024" in capsys.readouterr().err
+    # ...but only for the modalities in use.
+    assert (
+        main(
+            [
+                "features",
+                "--config",
+                str(config),
+                "--no-progress",
+                "--set",
+                "model.modalities=[audio]",
+                "--set",
+                "model.text_dim=1024",
+                "--set",
+                "features.cache_dir=" + str(tmp_path / "audio_only"),
+            ]
+        )
+        == 0
+    )
