@@ -127,7 +127,46 @@ def _versions() -> dict[str, str]:
     }
 
 
-def build_metadata(cfg: Config, labels: list[str], feature_metadata: dict) -> dict[str, Any]:
+def normalization_metadata(cfg: Config, norm_stats: Any = None) -> dict | None:
+    """How audio features were normalised in training (`features.audio.normalize`).
+
+    - `none` → None.
+    - `global` → `{"mode": "global", "modality", "mean": [D], "std": [D]}`: the training-set
+      statistics, applied inside the exported graph. `norm_stats` is required: the
+      `ks_keras.data.NormStats` from `compute_norm_stats` (or its `to_dict()`).
+    - `speaker` → `{"mode": "speaker", "modality"}`: each speaker was normalised with its own
+      statistics, which cannot be stored for unseen speakers; clients normalise per speaker
+      (`ks-keras predict` does, from the utterances of each speaker in the request) and no
+      raw-waveform signature is exported.
+    """
+    mode = cfg.features.audio.normalize
+    if "audio" not in cfg.model.modalities or mode == "none":
+        return None
+    if mode == "speaker":
+        return {"mode": "speaker", "modality": "audio"}
+    stats = norm_stats.to_dict() if hasattr(norm_stats, "to_dict") else norm_stats
+    if not isinstance(stats, dict) or stats.get("mode") != "global":
+        raise ValueError(
+            "features.audio.normalize is 'global': pass the training set's statistics as "
+            "norm_stats (ks_keras.data.compute_norm_stats(..., mode='global')), got "
+            f"{type(norm_stats).__name__}"
+        )
+    dim = cfg.model.audio_dim
+    mean = np.asarray(stats.get("mean"), dtype=np.float32)
+    std = np.asarray(stats.get("std"), dtype=np.float32)
+    if mean.shape != (dim,) or std.shape != (dim,) or not (std > 0).all():
+        raise ValueError(
+            f"norm_stats: expected mean and std of shape ({dim},) (model.audio_dim) with "
+            f"std > 0, got {mean.shape} and {std.shape}"
+        )
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise ValueError("norm_stats: mean/std contain NaN or inf")
+    return {"mode": "global", "modality": "audio", "mean": mean.tolist(), "std": std.tolist()}
+
+
+def build_metadata(
+    cfg: Config, labels: list[str], feature_metadata: dict, norm_stats: Any = None
+) -> dict[str, Any]:
     """The description of a trained model that a client needs to build its inputs.
 
     Args:
@@ -135,11 +174,13 @@ def build_metadata(cfg: Config, labels: list[str], feature_metadata: dict) -> di
             define the inputs).
         labels: class names in output order (`len == cfg.model.num_classes`).
         feature_metadata: `{modality: extractor.metadata}` for every trained modality.
+        norm_stats: training-set normalisation statistics when
+            `features.audio.normalize` is `global` (see `normalization_metadata`).
 
     Returns:
         A JSON-serialisable dict: format tag, labels, modalities, per-input width and trained
-        max length, audio sample rate, crop policy, extractor metadata, package versions and
-        the full config.
+        max length, audio sample rate, crop policy, extractor metadata, normalisation,
+        package versions and the full config.
     """
     if not isinstance(cfg, Config):
         raise ValueError(f"cfg: expected a ks_keras Config, got {type(cfg).__name__}")
@@ -164,6 +205,7 @@ def build_metadata(cfg: Config, labels: list[str], feature_metadata: dict) -> di
         "sample_rate": cfg.features.audio.sample_rate,
         "crop": "end",
         "features": _check_feature_metadata(feature_metadata, modalities),
+        "normalization": normalization_metadata(cfg, norm_stats),
         "config": cfg.to_dict(),
     }
 
@@ -210,7 +252,11 @@ def sidecar_path(model_path: str | Path) -> Path:
 
 
 def write_model_sidecar(
-    path: str | Path, cfg: Config, labels: list[str], feature_metadata: dict
+    path: str | Path,
+    cfg: Config,
+    labels: list[str],
+    feature_metadata: dict,
+    norm_stats: Any = None,
 ) -> Path:
     """Write the metadata `ks-keras export`/`predict` need next to a saved `.keras` model.
 
@@ -223,6 +269,8 @@ def write_model_sidecar(
         cfg: the resolved training config.
         labels: class names in output order.
         feature_metadata: `{modality: extractor.metadata}` for the trained modalities.
+        norm_stats: the `NormStats` used in training when `features.audio.normalize` is
+            `global` (required then).
 
     Returns:
         The sidecar's path.
@@ -232,7 +280,7 @@ def write_model_sidecar(
     >>> model.save(run_dir / "best.keras")
     >>> write_model_sidecar(run_dir / "best.keras", cfg, labels, feature_metadata)
     """
-    meta = build_metadata(cfg, labels, feature_metadata)
+    meta = build_metadata(cfg, labels, feature_metadata, norm_stats)
     meta["format"] = SIDECAR_FORMAT
     out = sidecar_path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -403,10 +451,10 @@ def waveform_signature_problem(cfg: Config) -> str | None:
         return "the model has no audio input"
     if audio.type != "logmel":
         return f"features.audio.type is {audio.type!r}; only the built-in log-mel runs in-graph"
-    if audio.normalize != "none":
+    if audio.normalize == "speaker":
         return (
-            f"features.audio.normalize is {audio.normalize!r}: the normalisation statistics "
-            "come from training data and are not part of the graph"
+            "features.audio.normalize is 'speaker': each speaker's statistics come from that "
+            "speaker's utterances and cannot be part of the graph"
         )
     return None
 
@@ -469,6 +517,10 @@ def make_serving_functions(model, metadata: dict, audio_config=None) -> dict:
 
     modalities = metadata["modalities"]
     max_len = {mod: metadata["inputs"][mod]["max_len"] for mod in modalities}
+    norm = metadata.get("normalization")
+    if norm is not None and norm["mode"] == "global":
+        norm_mean = tf.constant(norm["mean"], tf.float32)
+        norm_std = tf.constant(norm["std"], tf.float32)
 
     def classify(inputs):
         checks = _check_batch(inputs, modalities)
@@ -478,6 +530,11 @@ def make_serving_functions(model, metadata: dict, audio_config=None) -> dict:
                 fixed[mod], fixed[f"{mod}_mask"] = fit_length(
                     inputs[mod], inputs[f"{mod}_mask"], max_len[mod]
                 )
+        if norm is not None and norm["mode"] == "global":
+            # Training-set statistics, applied to real steps only (as data.py does).
+            m = norm["modality"]
+            valid = tf.cast(fixed[f"{m}_mask"], tf.float32)[:, :, None]
+            fixed[m] = (fixed[m] - norm_mean) / norm_std * valid
         logits = model(fixed, training=False)
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         return {
@@ -537,6 +594,7 @@ def export_model(
     name: str | None = None,
     version: int | None = None,
     verify: bool = True,
+    norm_stats: Any = None,
 ) -> Path:
     """Export a trained model as a TF Serving SavedModel version.
 
@@ -553,6 +611,8 @@ def export_model(
         verify: reload in a fresh Python process and compare with `model` at batch sizes 1
             and 3 (max abs diff <= 1e-5) and check `saved_model_cli show --all`, before the
             version becomes visible (see `verify_export`).
+        norm_stats: training-set statistics when `features.audio.normalize` is `global`
+            (applied in the graph; see `normalization_metadata`).
 
     Returns:
         The version folder, e.g. `saved_models/ks_keras/3`.
@@ -586,7 +646,7 @@ def export_model(
             "version or leave it unset for the next free one)"
         )
 
-    metadata = build_metadata(cfg, labels, feature_metadata)
+    metadata = build_metadata(cfg, labels, feature_metadata, norm_stats)
     metadata.update(name=name, version=version)
     no_waveform = waveform_signature_problem(cfg)
     if no_waveform and "audio" in cfg.model.modalities:
@@ -693,6 +753,17 @@ def _random_case(
     return request, _fit_numpy(request, metadata)
 
 
+def normalize_numpy(fixed: dict[str, np.ndarray], metadata: dict) -> dict[str, np.ndarray]:
+    """Apply global normalisation (if any) to cropped/padded inputs, as the graph does."""
+    norm = metadata.get("normalization")
+    if norm is None or norm["mode"] != "global" or norm["modality"] not in fixed:
+        return fixed
+    m = norm["modality"]
+    mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+    valid = fixed[f"{m}_mask"][:, :, None].astype(np.float32)
+    return {**fixed, m: ((fixed[m] - mean) / std * valid).astype(np.float32)}
+
+
 def _reference_probabilities(model, inputs: dict) -> np.ndarray:
     import keras
 
@@ -762,7 +833,7 @@ def verify_export(
     cases.append(("padded", top, *_random_case(metadata, top, rng, shorter=True)))
     case_specs = [{"signature": DEFAULT_SIGNATURE, "inputs": sorted(c[2])} for c in cases]
     for _, _, _, reference in cases:
-        references.append(_reference_probabilities(model, reference))
+        references.append(_reference_probabilities(model, normalize_numpy(reference, metadata)))
     arrays = {f"{i}/{k}": v for i, c in enumerate(cases) for k, v in c[2].items()}
 
     if WAVEFORM_SIGNATURE in metadata["signatures"]:
@@ -772,7 +843,7 @@ def verify_export(
             i = len(cases)
             cases.append(("waveform", top, request, reference))
             case_specs.append({"signature": WAVEFORM_SIGNATURE, "inputs": sorted(request)})
-            references.append(_reference_probabilities(model, reference))
+            references.append(_reference_probabilities(model, normalize_numpy(reference, metadata)))
             arrays.update({f"{i}/{k}": v for k, v in request.items()})
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -1055,6 +1126,13 @@ def run_export(args) -> int:
         labels = list(cfg.data.labels)
     else:
         raise ValueError("no class labels: pass --labels a,b,c (in the model's output order)")
+    norm_stats = sidecar.get("normalization") if sidecar is not None else None
+    trained_global = "audio" in cfg.model.modalities and cfg.features.audio.normalize == "global"
+    if trained_global and norm_stats is None:
+        raise ValueError(
+            f"--model {model_path}: trained with features.audio.normalize=global, but there "
+            f"is no sidecar ({sidecar_path(model_path).name}) holding the training statistics"
+        )
     if sidecar is not None and not args.config:
         feature_metadata = sidecar["features"]
     else:
@@ -1075,6 +1153,7 @@ def run_export(args) -> int:
         name=args.name,
         version=args.version,
         verify=not args.no_verify,
+        norm_stats=norm_stats,
     )
     print(f"exported {model_path} -> {path}")
     print(f"signatures: {', '.join(_read_json(path / 'assets' / METADATA_FILE)['signatures'])}")

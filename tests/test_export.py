@@ -306,12 +306,21 @@ def test_export_rejects_mismatches(exported, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_audio_only_and_normalised_features(tmp_path):
+def test_audio_only_with_global_normalisation_in_graph(tmp_path):
     cfg = tiny_config(
         model={"modalities": ["audio"]},
         features={"audio": {"type": "logmel", "n_mels": 16, "normalize": "global"}},
     )
     model = build_model(cfg)
+    with pytest.raises(ValueError, match="norm_stats"):
+        ex.export_model(model, cfg, LABELS, feature_metadata(cfg), base_dir=tmp_path)
+    rng = np.random.default_rng(2)
+    stats = {
+        "mode": "global",
+        "modality": "audio",
+        "mean": rng.standard_normal(16).tolist(),
+        "std": (0.5 + rng.random(16)).tolist(),
+    }
     path = ex.export_model(
         model,
         cfg,
@@ -320,18 +329,31 @@ def test_audio_only_and_normalised_features(tmp_path):
         base_dir=tmp_path,
         name="audio_only",
         verify=False,
+        norm_stats=stats,
     )
     meta = json.loads((path / "assets" / "ks_keras.json").read_text())
-    # Normalisation statistics are not in the graph, so no raw-waveform signature.
-    assert list(meta["signatures"]) == ["serving_default"]
-    assert "normalize" in meta["notes"][0]
+    assert meta["normalization"]["mode"] == "global"
+    assert set(meta["signatures"]) == {"serving_default", "serving_waveform"}
     assert set(meta["signatures"]["serving_default"]["inputs"]) == {"audio", "audio_mask"}
-    inputs = random_inputs(np.random.default_rng(2), 2, modalities=("audio",))
+    # Clients send extractor outputs; the graph normalises real steps with the stats.
+    raw = random_inputs(rng, 2, modalities=("audio",))
+    mask = raw["audio_mask"][:, :, None]
+    normalised = dict(
+        raw, audio=((raw["audio"] - stats["mean"]) / stats["std"] * mask).astype("float32")
+    )
     np.testing.assert_allclose(
-        ex.load_exported(path).predict(inputs)["probabilities"],
-        keras_probs(model, inputs),
+        ex.load_exported(path).predict(raw)["probabilities"],
+        keras_probs(model, normalised),
         atol=1e-5,
     )
+
+
+def test_speaker_normalisation_has_no_waveform_signature():
+    cfg = tiny_config(features={"audio": {"type": "logmel", "n_mels": 16, "normalize": "speaker"}})
+    assert ex.normalization_metadata(cfg) == {"mode": "speaker", "modality": "audio"}
+    assert "speaker" in ex.waveform_signature_problem(cfg)
+    assert ex.waveform_signature_problem(tiny_config()) is None
+    assert ex.waveform_signature_problem(tiny_config(model={"modalities": ["text"]}))
 
 
 def test_cli_export_from_keras_file_with_sidecar(tmp_path, capsys):
