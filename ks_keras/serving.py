@@ -1,0 +1,368 @@
+"""Clients for a TF Serving model server: REST (port 8501) and gRPC (port 8500).
+
+The server itself runs from the `tensorflow/serving` Docker image (see `docs/serving.md`); the
+binary is not installable on machines without Docker. This module builds requests in the
+documented formats and reads the answers:
+
+- REST: `POST /v1/models/<name>[/versions/<v>]:predict` with the columnar JSON body
+  `{"signature_name": "serving_default", "inputs": {"audio": [[[...]]], "audio_mask": ..., ...}}`;
+  the answer is `{"outputs": {"probabilities": [[...]], "class_id": [...]}}` (or
+  `{"error": "..."}` with an HTTP error status).
+- gRPC: `tensorflow_serving.apis.predict_pb2.PredictRequest` with `model_spec` (name,
+  signature, optional version) and one `TensorProto` per named input
+  (`tf.make_tensor_proto`), sent with `PredictionServiceStub.Predict`.
+
+Turning audio files and transcripts into the request uses the export's own metadata (a local
+copy of `saved_models/<name>/<version>/assets/ks_keras.json`): the same extractors, checks and
+crop/pad rule as `ks-keras predict` (`ks_keras.predict.RequestFeaturizer`).
+
+Example:
+
+```python
+predictor = serving_predictor("saved_models/ks_keras", rest_url="http://localhost:8501")
+[p] = predictor.predict_files(["a.wav"], ["I can't believe it"])
+
+# or lower level, with ready inputs
+client = RestClient("http://localhost:8501", "ks_keras", version=1)
+client.predict({"audio": a, "audio_mask": am, "text": t, "text_mask": tm})
+```
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ks_keras.export import (
+    DEFAULT_SIGNATURE,
+    OUTPUT_NAMES,
+    WAVEFORM_SIGNATURE,
+    check_request,
+    load_export_metadata,
+)
+from ks_keras.predict import Predictor, request_config
+
+REST_URL = "http://localhost:8501"
+GRPC_TARGET = "localhost:8500"
+# Features of a batch can be tens of MB (paper size: 32 × 460 × 512 float32 ≈ 30 MB); gRPC's
+# client default is 4 MB. TF Serving's server accepts messages up to 2 GB.
+GRPC_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+_OUTPUT_DTYPES = {"probabilities": np.float32, "class_id": np.int32}
+
+
+class ServingError(ValueError):
+    """The server could not be reached or rejected the request (message says which)."""
+
+
+def _signature_inputs(metadata: dict | None, signature: str) -> dict | None:
+    if metadata is None:
+        return None
+    try:
+        return metadata["signatures"][signature]["inputs"]
+    except KeyError:
+        raise ValueError(
+            f"the export has no signature {signature!r} (has "
+            f"{sorted(metadata.get('signatures', {}))})"
+        ) from None
+
+
+def _typed_inputs(inputs: dict[str, Any], specs: dict | None, where: str) -> dict[str, np.ndarray]:
+    """Inputs as numpy arrays of the signature's dtypes, checked against its specs."""
+    if specs is None:
+        return {k: np.asarray(v) for k, v in inputs.items()}
+    check_request(inputs, specs, where)
+    return {k: np.asarray(inputs[k], dtype=specs[k]["dtype"]) for k in specs}
+
+
+def _check_outputs(outputs: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    missing = [k for k in OUTPUT_NAMES if k not in outputs]
+    if missing:
+        raise ServingError(
+            f"{where}: the answer has no output(s) {missing} (got "
+            f"{sorted(outputs)}); is this model a ks_keras export?"
+        )
+    out = {k: np.asarray(outputs[k], dtype=_OUTPUT_DTYPES[k]) for k in OUTPUT_NAMES}
+    probs, ids = out["probabilities"], out["class_id"]
+    if probs.ndim != 2 or ids.shape != probs.shape[:1]:
+        raise ServingError(
+            f"{where}: unexpected output shapes probabilities {probs.shape}, class_id {ids.shape}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# REST.
+
+
+def rest_predict_url(base_url: str, model_name: str, version: int | None = None) -> str:
+    """`<base_url>/v1/models/<name>[/versions/<v>]:predict`."""
+    if not model_name:
+        raise ValueError("model_name: required (TF Serving's MODEL_NAME)")
+    url = f"{base_url.rstrip('/')}/v1/models/{model_name}"
+    if version is not None:
+        url += f"/versions/{int(version)}"
+    return url + ":predict"
+
+
+def rest_request_body(
+    inputs: dict[str, Any], signature_name: str = DEFAULT_SIGNATURE, metadata: dict | None = None
+) -> dict[str, Any]:
+    """The columnar ("inputs") JSON body of a TF Serving REST predict request.
+
+    Args:
+        inputs: named arrays (batch first), e.g. from `RequestFeaturizer.inputs`.
+        signature_name: `serving_default` or `serving_waveform`.
+        metadata: export metadata; when given, names/shapes/dtypes are checked and cast.
+    """
+    typed = _typed_inputs(
+        inputs, _signature_inputs(metadata, signature_name), f"REST request [{signature_name}]"
+    )
+    return {"signature_name": signature_name, "inputs": {k: v.tolist() for k, v in typed.items()}}
+
+
+def parse_rest_response(body: Any, where: str = "TF Serving") -> dict[str, np.ndarray]:
+    """`probabilities` and `class_id` arrays from a REST predict answer (columnar format)."""
+    if not isinstance(body, dict):
+        raise ServingError(f"{where}: expected a JSON object, got {type(body).__name__}")
+    if "error" in body:
+        raise ServingError(f"{where}: {body['error']}")
+    outputs = body.get("outputs")
+    if not isinstance(outputs, dict):
+        raise ServingError(
+            f"{where}: expected {{'outputs': {{...}}}} with named outputs, got keys {sorted(body)}"
+        )
+    return _check_outputs(outputs, where)
+
+
+class RestClient:
+    """TF Serving REST client.
+
+    Args:
+        url: server base URL, e.g. `http://localhost:8501`.
+        model_name: the served model's name (`MODEL_NAME` / models.config `name`).
+        version: a specific version, or None for the server's latest.
+        timeout: seconds per request.
+        metadata: export metadata used to check requests (optional).
+    """
+
+    def __init__(
+        self,
+        url: str = REST_URL,
+        model_name: str = "ks_keras",
+        version: int | None = None,
+        timeout: float = 60.0,
+        metadata: dict | None = None,
+    ):
+        self.url = url
+        self.model_name = model_name
+        self.version = version
+        self.timeout = timeout
+        self.metadata = metadata
+        self.predict_url = rest_predict_url(url, model_name, version)
+
+    def __repr__(self) -> str:
+        return f"RestClient({self.predict_url})"
+
+    def predict(
+        self, inputs: dict[str, Any], signature_name: str = DEFAULT_SIGNATURE
+    ) -> dict[str, np.ndarray]:
+        """POST one batch; returns `probabilities` `[B, C]` and `class_id` `[B]`."""
+        body = json.dumps(rest_request_body(inputs, signature_name, self.metadata)).encode()
+        request = urllib.request.Request(
+            self.predict_url,
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")
+            try:
+                detail = json.loads(detail).get("error", detail)
+            except (json.JSONDecodeError, AttributeError):
+                pass
+            raise ServingError(
+                f"TF Serving at {self.predict_url} answered HTTP {e.code}: {detail}"
+            ) from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            reason = getattr(e, "reason", e)
+            raise ServingError(
+                f"cannot reach TF Serving at {self.predict_url} ({reason}); is "
+                "the server running? (docs/serving.md)"
+            ) from None
+        try:
+            answer = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ServingError(
+                f"{self.predict_url}: the answer is not JSON: {raw[:200]!r}"
+            ) from None
+        return parse_rest_response(answer, self.predict_url)
+
+
+# ---------------------------------------------------------------------------------------------
+# gRPC.
+
+
+def grpc_predict_request(
+    inputs: dict[str, Any],
+    model_name: str,
+    signature_name: str = DEFAULT_SIGNATURE,
+    version: int | None = None,
+    metadata: dict | None = None,
+):
+    """A `PredictRequest` with one `TensorProto` per named input.
+
+    Args:
+        inputs: named arrays (batch first).
+        model_name: the served model's name.
+        signature_name: `serving_default` or `serving_waveform`.
+        version: a specific version, or None for the server's latest.
+        metadata: export metadata; when given, names/shapes/dtypes are checked and cast.
+    """
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    if not model_name:
+        raise ValueError("model_name: required (TF Serving's MODEL_NAME)")
+    typed = _typed_inputs(
+        inputs, _signature_inputs(metadata, signature_name), f"gRPC request [{signature_name}]"
+    )
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = signature_name
+    if version is not None:
+        request.model_spec.version.value = int(version)
+    for name, array in typed.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(array, dtype=tf.as_dtype(array.dtype)))
+    return request
+
+
+def parse_grpc_response(response, where: str = "TF Serving") -> dict[str, np.ndarray]:
+    """`probabilities` and `class_id` arrays from a `PredictResponse`."""
+    import tensorflow as tf
+
+    return _check_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()}, where)
+
+
+class GrpcClient:
+    """TF Serving gRPC client (`PredictionService/Predict`).
+
+    Args:
+        target: `host:port` of the gRPC endpoint, e.g. `localhost:8500`.
+        model_name, version, timeout, metadata: as for `RestClient`.
+    """
+
+    def __init__(
+        self,
+        target: str = GRPC_TARGET,
+        model_name: str = "ks_keras",
+        version: int | None = None,
+        timeout: float = 60.0,
+        metadata: dict | None = None,
+    ):
+        self.target = target
+        self.model_name = model_name
+        self.version = version
+        self.timeout = timeout
+        self.metadata = metadata
+        self._stub = None
+
+    def __repr__(self) -> str:
+        return f"GrpcClient({self.target}, {self.model_name}, version={self.version})"
+
+    def _get_stub(self):
+        if self._stub is None:
+            import grpc
+            from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+            channel = grpc.insecure_channel(
+                self.target,
+                options=[
+                    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+                    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+                ],
+            )
+            self._stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        return self._stub
+
+    def predict(
+        self, inputs: dict[str, Any], signature_name: str = DEFAULT_SIGNATURE
+    ) -> dict[str, np.ndarray]:
+        """Send one batch; returns `probabilities` `[B, C]` and `class_id` `[B]`."""
+        import grpc
+
+        request = grpc_predict_request(
+            inputs, self.model_name, signature_name, self.version, self.metadata
+        )
+        where = f"TF Serving at {self.target} (gRPC, model {self.model_name})"
+        try:
+            response = self._get_stub().Predict(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            code = e.code().name if hasattr(e, "code") and e.code() else "UNKNOWN"
+            details = e.details() if hasattr(e, "details") else str(e)
+            hint = "; is the server running? (docs/serving.md)" if code == "UNAVAILABLE" else ""
+            raise ServingError(f"{where}: {code}: {details}{hint}") from None
+        return parse_grpc_response(response, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files → server → predictions.
+
+
+def serving_predictor(
+    model: str | Path,
+    rest_url: str | None = None,
+    grpc_target: str | None = None,
+    model_name: str | None = None,
+    version: int | None = None,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    timeout: float = 60.0,
+) -> Predictor:
+    """A `Predictor` whose model runs on a TF Serving server.
+
+    Args:
+        model: a local copy of the export (`saved_models/<name>[/<version>]`); only its
+            `assets/ks_keras.json` is read (labels, extractors, max lengths, signatures).
+        rest_url: e.g. `http://localhost:8501` (give this or `grpc_target`).
+        grpc_target: e.g. `localhost:8500`.
+        model_name: the served name; default the export's name.
+        version: the served version; default the local export's version, so the labels and
+            extractors used here are those of the model that answers.
+        config, overrides: the request's extractor settings (default: the model's own).
+        timeout: seconds per request.
+    """
+    if bool(rest_url) == bool(grpc_target):
+        raise ValueError(
+            "give exactly one of rest_url (e.g. http://localhost:8501) and "
+            "grpc_target (e.g. localhost:8500)"
+        )
+    version_dir, metadata = load_export_metadata(model)
+    name = model_name or metadata.get("name")
+    version = version if version is not None else metadata.get("version")
+    if rest_url:
+        client: RestClient | GrpcClient = RestClient(rest_url, name, version, timeout, metadata)
+    else:
+        client = GrpcClient(grpc_target, name, version, timeout, metadata)
+
+    def run(inputs):
+        return client.predict(inputs, DEFAULT_SIGNATURE)["probabilities"]
+
+    def run_waveform(inputs):
+        return client.predict(inputs, WAVEFORM_SIGNATURE)["probabilities"]
+
+    has_waveform = WAVEFORM_SIGNATURE in metadata["signatures"]
+    return Predictor(
+        metadata,
+        run,
+        repr(client),
+        request_config(metadata, config, overrides),
+        run_waveform if has_waveform else None,
+    )

@@ -1,0 +1,376 @@
+"""`ks-keras predict`: raw files → the model's inputs → labels, from exports and .keras files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+from ks_keras import cli  # noqa: E402
+from ks_keras import export as ex  # noqa: E402
+from ks_keras.config import config_from_dict  # noqa: E402
+from ks_keras.data import pad_or_crop  # noqa: E402
+from ks_keras.features import get_audio_extractor, get_text_extractor  # noqa: E402
+from ks_keras.model import build_model  # noqa: E402
+from ks_keras.predict import Predictor, RequestFeaturizer, _manifest_chunks  # noqa: E402
+
+LABELS = ["angry", "happy", "sad"]
+AUDIO_MAX, TEXT_MAX = 30, 8
+
+
+def tiny_config(modalities=("audio",), **audio):
+    return config_from_dict(
+        {
+            "model": {
+                "modalities": list(modalities),
+                "audio_dim": 16,
+                "text_dim": 384,  # MiniLM, projected to 16 below
+                "text_d_model": 16,
+                "num_heads": 2,
+                "audio_ffn_dim": 16,
+                "text_ffn_dim": 16,
+                "n_fem": 1,
+                "n_ccab": 1,
+                "n_dfm": 1,
+                "head_units": [16],
+                "num_classes": 3,
+            },
+            "features": {"audio": {"type": "logmel", "n_mels": 16, **audio}},
+            "data": {"audio_max_len": AUDIO_MAX, "text_max_len": TEXT_MAX, "labels": LABELS},
+        }
+    )
+
+
+def write_tone(path, seconds=0.5, rate=16000, freq=220.0, channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.shape)
+    if channels > 1:
+        wave = np.stack([wave] * channels, axis=1)
+    sf.write(str(path), wave.astype(np.float32), rate, subtype="PCM_16")
+    return path
+
+
+def feature_metadata(cfg):
+    out = {"audio": get_audio_extractor(cfg.features.audio).metadata}
+    if "text" in cfg.model.modalities:
+        out["text"] = get_text_extractor(cfg.features.text).metadata
+    return {m: out[m] for m in cfg.model.modalities}
+
+
+def keras_reference(model, cfg, wav_paths, texts=None, stats=None):
+    """The model on features made by hand from the files: the path predict must reproduce."""
+    from ks_keras.audio import load_audio
+
+    ext = get_audio_extractor(cfg.features.audio)
+    feats = ext.extract([load_audio(p) for p in wav_paths])
+    if stats is not None:
+        feats = [(f - stats["mean"]) / stats["std"] for f in feats]
+    fixed = [pad_or_crop(f, AUDIO_MAX) for f in feats]
+    inputs = {
+        "audio": np.stack([x for x, _ in fixed]),
+        "audio_mask": np.stack([m for _, m in fixed]),
+    }
+    if texts is not None:
+        tfeats = get_text_extractor(cfg.features.text).extract(texts)
+        tfixed = [pad_or_crop(f, TEXT_MAX) for f in tfeats]
+        inputs["text"] = np.stack([x for x, _ in tfixed])
+        inputs["text_mask"] = np.stack([m for _, m in tfixed])
+    return keras.ops.convert_to_numpy(keras.ops.softmax(model(inputs, training=False)))
+
+
+@pytest.fixture(scope="module")
+def audio_model(tmp_path_factory):
+    """An audio-only export and the same model as .keras + sidecar, plus some wav files."""
+    root = tmp_path_factory.mktemp("predict")
+    keras.utils.set_random_seed(7)
+    cfg = tiny_config()
+    model = build_model(cfg)
+    export_dir = ex.export_model(
+        model,
+        cfg,
+        LABELS,
+        feature_metadata(cfg),
+        base_dir=root / "saved_models",
+        name="audio",
+        verify=False,
+    )
+    keras_path = root / "run" / "best.keras"
+    keras_path.parent.mkdir()
+    model.save(keras_path)
+    ex.write_model_sidecar(keras_path, cfg, LABELS, feature_metadata(cfg))
+    wavs = root / "wavs"
+    wavs.mkdir()
+    files = {
+        "a": write_tone(wavs / "a.wav", 0.5, freq=200.0, seed=1),
+        "b": write_tone(wavs / "b.wav", 0.8, freq=700.0, seed=2),  # longer than AUDIO_MAX
+        "c": write_tone(wavs / "c.wav", 0.2, freq=400.0, seed=3),
+    }
+    return cfg, model, export_dir, keras_path, files
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_single_file_json_matches_keras_on_hand_made_features(audio_model, capsys):
+    cfg, model, export_dir, _, files = audio_model
+    base = export_dir.parent  # base folder → latest version
+    code, out, err = run_cli(["predict", str(files["a"]), "--model", str(base), "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    want = keras_reference(model, cfg, [files["a"]])[0]
+    got = np.array([result["probabilities"][lab] for lab in LABELS])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert result["label"] == LABELS[int(np.argmax(want))]
+    assert result["model"] == str(export_dir)
+    # Human-readable output names the label and every class.
+    code, out, _ = run_cli(["predict", str(files["a"]), "--model", str(base)], capsys)
+    assert code == 0 and out.startswith(f"{files['a']}: {result['label']}")
+    assert all(lab in out for lab in LABELS)
+
+
+def test_keras_file_and_waveform_signature_agree_with_export(audio_model):
+    _, _, export_dir, keras_path, files = audio_model
+    paths = [files["a"], files["b"], files["c"]]
+    from_export = Predictor.load(export_dir).predict_files(paths, None)
+    from_keras = Predictor.load(keras_path).predict_files(paths, None)
+    waveform = Predictor.load(export_dir).predict_files(paths, None, signature="serving_waveform")
+    for a, b, c in zip(from_export, from_keras, waveform):
+        pa = np.array(list(a.probabilities.values()))
+        np.testing.assert_allclose(pa, list(b.probabilities.values()), atol=1e-5)
+        np.testing.assert_allclose(pa, list(c.probabilities.values()), atol=1e-5)
+        assert a.label == b.label == c.label
+
+
+def test_manifest_to_csv_with_resampling_note(audio_model, tmp_path, capsys):
+    cfg, model, export_dir, _, files = audio_model
+    write_tone(tmp_path / "hi_rate.wav", 0.5, rate=44100, freq=300.0, seed=4, channels=2)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,path,label\n"
+        f"u1,{files['a']},angry\n"
+        f"u2,{files['b']},sad\n"
+        "u3,hi_rate.wav,happy\n"  # relative to the manifest
+    )
+    out_csv = tmp_path / "pred.csv"
+    code, _, err = run_cli(
+        [
+            "predict",
+            "--manifest",
+            str(manifest),
+            "--model",
+            str(export_dir),
+            "--output",
+            str(out_csv),
+            "--batch-size",
+            "2",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["id"] for r in rows] == ["u1", "u2", "u3"]
+    assert list(rows[0]) == [
+        "id",
+        "path",
+        "predicted",
+        "class_id",
+        "p_angry",
+        "p_happy",
+        "p_sad",
+        "label",
+        "correct",
+    ]
+    probs = np.array([[float(r[f"p_{lab}"]) for lab in LABELS] for r in rows])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    want = keras_reference(model, cfg, [files["a"], files["b"], tmp_path / "hi_rate.wav"])
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+    assert [r["predicted"] for r in rows] == [LABELS[k] for k in want.argmax(axis=1)]
+    assert "resampled from 44100 Hz to 16000 Hz" in err
+    assert "accuracy on 3 labelled rows" in err
+    assert "predict: 100%" in err  # the progress bar ran to the end
+
+
+def test_bad_inputs_are_clear_errors(audio_model, tmp_path, capsys):
+    _, _, export_dir, _, files = audio_model
+    model = ["--model", str(export_dir)]
+    cases = []
+    cases.append((["predict", str(tmp_path / "missing.wav"), *model], "audio file not found"))
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    cases.append((["predict", str(corrupt), *model], "cannot decode audio"))
+    truncated = tmp_path / "truncated.wav"
+    truncated.write_bytes(files["a"].read_bytes()[:2000])
+    cases.append((["predict", str(truncated), *model], "truncated"))
+    cases.append((["predict", "--model", str(export_dir)], "the model reads audio"))
+    (tmp_path / "not_export").mkdir()
+    cases.append(
+        (
+            ["predict", str(files["a"]), "--model", str(tmp_path / "not_export")],
+            "not a ks_keras export",
+        )
+    )
+    cases.append(
+        (["predict", str(files["a"]), "--model", str(tmp_path / "nothing")], "model not found")
+    )
+    # The request asks for other features than the model was trained with.
+    cases.append(
+        (
+            ["predict", str(files["a"]), *model, "--set", "features.audio.hop_ms=20"],
+            "hop_ms: model trained with 10.0, request gives 20.0",
+        )
+    )
+    cases.append(
+        (
+            ["predict", str(files["a"]), *model, "--set", "features.audio.n_mels=20"],
+            "expects 16-d features",
+        )
+    )
+    bad_manifest = tmp_path / "bad.csv"
+    bad_manifest.write_text("id,path\nx,gone1.wav\ny,gone2.wav\n")
+    cases.append(
+        (["predict", "--manifest", str(bad_manifest), *model], "2 audio file(s) not found")
+    )
+    for argv, message in cases:
+        code, _, err = run_cli(argv, capsys)
+        assert code == 1, (argv, err)
+        assert message in err, (argv, err)
+        assert "Traceback" not in err
+
+
+def test_speaker_normalisation_pools_each_speakers_frames():
+    cfg = tiny_config(normalize="speaker")
+    meta = ex.build_metadata(cfg, LABELS, feature_metadata(cfg))
+    featurizer = RequestFeaturizer(meta)
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((n, 16)) * 3 + 5 for n in (4, 6, 5)]
+    out, notes = featurizer.normalize_speakers(feats, ["s1", "s1", None], ["a", "b", "c"])
+    pooled = np.concatenate(feats[:2])
+    np.testing.assert_allclose(out[0], (feats[0] - pooled.mean(0)) / pooled.std(0), rtol=1e-5)
+    np.testing.assert_allclose(np.concatenate(out[:2]).mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out[2].std(0), 1.0, atol=1e-5)
+    assert notes[0] == [] and "no speaker given" in notes[2][0]
+
+
+def test_global_normalisation_keras_file_matches_export(tmp_path, audio_model):
+    *_, files = audio_model
+    cfg = tiny_config(normalize="global")
+    keras.utils.set_random_seed(3)
+    model = build_model(cfg)
+    rng = np.random.default_rng(1)
+    stats = {
+        "mode": "global",
+        "modality": "audio",
+        "mean": (rng.standard_normal(16) - 5).tolist(),
+        "std": (1 + rng.random(16)).tolist(),
+    }
+    keras_path = tmp_path / "g.keras"
+    model.save(keras_path)
+    ex.write_model_sidecar(keras_path, cfg, LABELS, feature_metadata(cfg), norm_stats=stats)
+    export_dir = ex.export_model(
+        model, cfg, LABELS, feature_metadata(cfg), base_dir=tmp_path, verify=False, norm_stats=stats
+    )
+    paths = [files["a"], files["b"]]
+    arrays = {k: np.asarray(stats[k], np.float32) for k in ("mean", "std")}
+    want = keras_reference(model, cfg, paths, stats=arrays)
+    for source in (keras_path, export_dir):
+        got = Predictor.load(source).predict_files(paths, None)
+        np.testing.assert_allclose([list(p.probabilities.values()) for p in got], want, atol=1e-5)
+
+
+def test_manifest_chunks_keep_each_speaker_together():
+    rows = [{"speaker": s} for s in ["a", "b", None, "a", None, "b", "a"]]
+    assert _manifest_chunks(rows, 2, per_speaker=False) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert _manifest_chunks(rows, 2, per_speaker=True) == [[0, 3, 6], [1, 5], [2, 4]]
+
+
+@pytest.fixture(scope="module")
+def multimodal_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mm")
+    keras.utils.set_random_seed(11)
+    cfg = tiny_config(modalities=("audio", "text"))
+    model = build_model(cfg)
+    export_dir = ex.export_model(
+        model,
+        cfg,
+        LABELS,
+        feature_metadata(cfg),
+        base_dir=root / "saved_models",
+        name="mm",
+        verify=False,
+    )
+    wav = write_tone(root / "u.wav", 0.5, seed=5)
+    return cfg, model, export_dir, wav
+
+
+def test_audio_and_text_with_real_minilm(multimodal_model, tmp_path, capsys):
+    cfg, model, export_dir, wav = multimodal_model
+    text = "I told you not to touch my things"
+    code, out, err = run_cli(
+        ["predict", str(wav), "--text", text, "--model", str(export_dir), "--json"], capsys
+    )
+    assert code == 0, err
+    got = json.loads(out)["probabilities"]
+    want = keras_reference(model, cfg, [wav], texts=[text])[0]
+    np.testing.assert_allclose([got[lab] for lab in LABELS], want, atol=1e-5)
+    # Missing / empty transcript, and a text layer other than the trained one.
+    for argv, message in [
+        (["predict", str(wav), "--model", str(export_dir)], "give the transcript with --text"),
+        (
+            ["predict", str(wav), "--text", "  ", "--model", str(export_dir)],
+            "empty or missing transcript",
+        ),
+        (
+            [
+                "predict",
+                str(wav),
+                "--text",
+                text,
+                "--model",
+                str(export_dir),
+                "--set",
+                "features.text.layer=-2",
+            ],
+            "feature extractor mismatch for text: layers",
+        ),
+    ]:
+        code, _, err = run_cli(argv, capsys)
+        assert code == 1 and message in err, (argv, err)
+    # A manifest in the training format (path,speaker,label,text) works as is.
+    manifest = tmp_path / "m.csv"
+    with manifest.open("w", newline="") as f:
+        csv.writer(f).writerows(
+            [
+                ["path", "speaker", "label", "text"],
+                [str(wav), "s1", "angry", text],
+                [str(wav), "s1", "sad", "hm"],
+            ]
+        )
+    code, out, err = run_cli(
+        [
+            "predict",
+            "--manifest",
+            str(manifest),
+            "--model",
+            str(export_dir),
+            "--json",
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    preds = json.load(io.StringIO(out))["predictions"]
+    assert [p["true_label"] for p in preds] == ["angry", "sad"]
+    np.testing.assert_allclose([preds[0]["probabilities"][lab] for lab in LABELS], want, atol=1e-5)
