@@ -45,46 +45,54 @@ def get_text_extractor(cfg: TextFeatureConfig) -> FeatureExtractor:
     raise ValueError(f"features.text.type: expected 'hf', got {cfg.type!r}")
 
 
+def _audio_dim(audio: AudioFeatureConfig) -> int:
+    if audio.type == "logmel":
+        return audio.n_mels
+    from ks_keras.features.hf import _hidden_width, read_model_config, resolve_model_folder
+
+    field = "features.audio.model_path"
+    if audio.model_path is None:
+        raise ValueError(f"{field}: required when features.audio.type is 'hf'")
+    folder = resolve_model_folder(audio.model_path, field)
+    return _hidden_width(read_model_config(folder), folder, field)
+
+
+def _text_dim(text: TextFeatureConfig) -> int:
+    from ks_keras.features.hf import _hidden_width, read_model_config, resolve_model_folder
+
+    field = "features.text.model_path"
+    folder = resolve_model_folder(text.model_path, field)
+    return _hidden_width(read_model_config(folder), folder, field)
+
+
 def feature_dims(features_cfg: FeaturesConfig) -> tuple[int, int]:
     """`(audio_dim, text_dim)` the configured extractors produce, read from settings and
     model `config.json` files only (no model is loaded).
 
     `model.audio_dim` / `model.text_dim` must equal these for the modalities in use.
     """
-    from ks_keras.features.hf import _hidden_width, read_model_config, resolve_model_folder
-
-    audio = features_cfg.audio
-    if audio.type == "logmel":
-        audio_dim = audio.n_mels
-    else:
-        field = "features.audio.model_path"
-        if audio.model_path is None:
-            raise ValueError(f"{field}: required when features.audio.type is 'hf'")
-        folder = resolve_model_folder(audio.model_path, field)
-        audio_dim = _hidden_width(read_model_config(folder), folder, field)
-    field = "features.text.model_path"
-    folder = resolve_model_folder(features_cfg.text.model_path, field)
-    text_dim = _hidden_width(read_model_config(folder), folder, field)
-    return audio_dim, text_dim
+    return _audio_dim(features_cfg.audio), _text_dim(features_cfg.text)
 
 
 def check_model_dims(cfg) -> None:
     """Raise a ValueError if `model.<modality>_dim` differs from the extractor's width, for
-    the modalities in `model.modalities` only."""
-    audio_dim, text_dim = feature_dims(cfg.features)
+    the modalities in `model.modalities` only (an unused extractor is never resolved)."""
     problems = []
-    dims = {"audio": audio_dim, "text": text_dim}
     for modality in cfg.model.modalities:
+        dim = (
+            _audio_dim(cfg.features.audio) if modality == "audio" else _text_dim(cfg.features.text)
+        )
         want = getattr(cfg.model, f"{modality}_dim")
-        if want != dims[modality]:
+        if want != dim:
             problems.append(
                 f"model.{modality}_dim={want} but the configured features."
-                f"{modality} extractor gives {dims[modality]}-d features"
+                f"{modality} extractor gives {dim}-d features"
             )
     if problems:
         raise ValueError(
             "; ".join(problems) + "; set the model dims to match "
-            "(e.g. --set model.audio_dim=80 model.text_dim=384 for log-mel + MiniLM)"
+            "(e.g. --set model.audio_dim=80 --set model.text_dim=384 for log-mel "
+            "+ MiniLM)"
         )
 
 

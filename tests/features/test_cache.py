@@ -289,6 +289,18 @@ def test_cli_features_on_shipped_emodb(tmp_path, capsys):
     assert "nothing to extract" in capsys.readouterr().out
     cache = FeatureCache.open(tmp_path / "cache")
     assert cache.dims == {"audio": 80, "text": 384} and len(cache) == 339
+    # The pipeline on it yields the documented shapes.
+    from ks_keras.config import load_config
+    from ks_keras.corpora import load_corpus
+    from ks_keras.data import make_dataset
+
+    cfg = load_config(config)
+    corpus = load_corpus(cfg.data)
+    ds = make_dataset(cache, corpus.ids, corpus.label_ids(), cfg.data, 16, shuffle=True, seed=0)
+    inputs, labels = next(iter(ds))
+    assert inputs["audio"].shape == (16, 460, 80) and inputs["text"].shape == (16, 20, 384)
+    assert inputs["audio_mask"].shape == (16, 460) and inputs["text_mask"].shape == (16, 20)
+    assert inputs["audio_mask"].dtype == "int32" and labels.shape == (16,)
     # A model/feature width mismatch is caught before any work, naming the field.
     assert (
         main(
@@ -305,7 +317,7 @@ def test_cli_features_on_shipped_emodb(tmp_path, capsys):
         == 1
     )
     assert "model.text_dim=1024" in capsys.readouterr().err
-    # ...but only for the modalities in use.
+    # ...but only for the modalities in use (the text model is not even looked up).
     assert (
         main(
             [
