@@ -13,6 +13,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,34 +34,59 @@ def opensmile_available() -> bool:
 def egemaps_features(corpus: Corpus, cache_dir: str | Path, progress: bool = True) -> np.ndarray:
     """`[N, 88]` eGeMAPSv02 functionals in corpus order, cached as `.npz` under `cache_dir`.
 
+    Extraction runs in a separate Python process: openSMILE's native library corrupts the heap
+    when it is loaded after TensorFlow in the same process ("malloc(): invalid size"), and the
+    evaluation process has TensorFlow loaded.
+
     Raises:
         ImportError: when `opensmile` is not installed (`pip install -e ".[baseline]"`).
+        RuntimeError: when the extraction process fails (its error output is included).
     """
+    if not opensmile_available():
+        raise ImportError("opensmile is not installed: pip install -e '.[baseline]'")
+    items = [[u.id, u.path] for u in corpus.utterances]
+    key = hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"egemaps_{key}.npz"
+    if not cache.is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        job = cache.with_name(cache.name + ".job.json")
+        job.write_text(json.dumps({"items": items, "out": str(cache), "progress": progress}))
+        done = subprocess.run(
+            [sys.executable, "-m", "ks_keras.baseline", str(job)],
+            stderr=None if progress else subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+        job.unlink(missing_ok=True)
+        if done.returncode != 0 or not cache.is_file():
+            detail = (done.stderr or "").strip().splitlines()[-5:] if done.stderr else []
+            raise RuntimeError(
+                "eGeMAPS extraction failed" + (": " + " | ".join(detail) if detail else "")
+            )
+    with np.load(cache) as stored:
+        if list(stored["ids"]) != corpus.ids:
+            raise RuntimeError(f"{cache}: cached eGeMAPS ids do not match the corpus; delete it")
+        return stored["features"]
+
+
+def _extract_job(job_path: str) -> None:
+    """Child-process side of `egemaps_features` (no TensorFlow in this process)."""
     import opensmile
     from tqdm import tqdm
 
-    key = hashlib.sha256(
-        json.dumps([[u.id, u.path] for u in corpus.utterances]).encode()
-    ).hexdigest()[:16]
-    cache = Path(cache_dir) / f"egemaps_{key}.npz"
-    if cache.is_file():
-        with np.load(cache) as stored:
-            if list(stored["ids"]) == corpus.ids:
-                return stored["features"]
+    job = json.loads(Path(job_path).read_text())
     smile = opensmile.Smile(
         feature_set=opensmile.FeatureSet.eGeMAPSv02,
         feature_level=opensmile.FeatureLevel.Functionals,
     )
     rows = []
-    for u in tqdm(corpus.utterances, desc="eGeMAPS", unit="utt", disable=not progress):
-        wave = load_audio(u.path, sample_rate=16000)
+    for _, path in tqdm(job["items"], desc="eGeMAPS", unit="utt", disable=not job["progress"]):
+        wave = load_audio(path, sample_rate=16000)
         rows.append(smile.process_signal(wave, 16000).to_numpy()[0])
-    features = np.asarray(rows, np.float32)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(tmp, ids=np.array(corpus.ids), features=features)
-    os.replace(tmp, cache)
-    return features
+    out = Path(job["out"])
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, ids=np.array([i for i, _ in job["items"]]), features=np.asarray(rows, np.float32))
+    os.replace(tmp, out)
 
 
 def _fit_svm(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int):
@@ -120,3 +147,7 @@ def run_baseline(
             }
         )
     return results
+
+
+if __name__ == "__main__":
+    _extract_job(sys.argv[1])

@@ -191,7 +191,7 @@ def cross_validate(
     """
     from ks_keras.data import make_dataset
     from ks_keras.model import build_model
-    from ks_keras.training import fit
+    from ks_keras.training import balanced_class_weights, fit
 
     protocol = protocol or cfg.eval.protocol
     repeats = repeats or cfg.eval.repeats
@@ -205,6 +205,7 @@ def cross_validate(
     folds = make_folds(corpus, eval_cfg, seed=cfg.train.seed, max_folds=max_folds)
     run_dir = Path(run_dir)
     label_of = dict(zip(corpus.ids, corpus.label_ids().tolist(), strict=True))
+    speaker_of = corpus.speaker_of()
     results = []
     total = repeats * len(folds)
     for r in range(repeats):
@@ -220,7 +221,9 @@ def cross_validate(
             fold_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
             started = time.perf_counter()
 
-            def dataset(ids, shuffle, fold=fold, seed=seed, fold_cfg=fold_cfg):
+            normalizer = fold_normalizer(cfg, cache, corpus, fold)
+
+            def dataset(ids, shuffle, seed=seed, fold_cfg=fold_cfg, normalizer=normalizer):
                 return make_dataset(
                     cache,
                     ids,
@@ -229,7 +232,10 @@ def cross_validate(
                     batch_size=fold_cfg.train.batch_size,
                     shuffle=shuffle,
                     seed=seed,
-                    train_ids=fold.train_ids,
+                    modalities=fold_cfg.model.modalities,
+                    normalizer=normalizer,
+                    speaker_of=speaker_of,
+                    num_classes=fold_cfg.model.num_classes,
                 )
 
             train_ds = dataset(fold.train_ids, True)
@@ -237,8 +243,6 @@ def cross_validate(
             val_ds = dataset(fold.val_ids, False) if protocol == "honest" else test_ds
             class_weight = None
             if cfg.data.class_weights:
-                from ks_keras.training import balanced_class_weights
-
                 class_weight = balanced_class_weights(
                     [label_of[i] for i in fold.train_ids], cfg.model.num_classes
                 )
@@ -278,7 +282,14 @@ def cross_validate(
             last_model = result.model
     cv = CVResult(cfg, list(corpus.labels), corpus.name, protocol, folds, results, repeats)
     try:
-        cv.attention = attention_examples(last_model, cache, folds[-1].test_ids[:3], cfg)
+        cv.attention = attention_examples(
+            last_model,
+            cache,
+            folds[-1].test_ids[:3],
+            cfg,
+            normalizer=fold_normalizer(cfg, cache, corpus, folds[-1]),
+            speaker_of=speaker_of,
+        )
     except Exception as e:  # a plot must never sink a finished evaluation
         log(f"    (attention plot skipped: {e})")
     return cv
@@ -288,12 +299,36 @@ def cross_validate(
 # Attention maps (paper Fig. 7)
 
 
-def attention_examples(model, cache, ids: list[str], cfg: Config, layer_name: str | None = None):
+def fold_normalizer(cfg: Config, cache, corpus: Corpus, fold: Fold):
+    """Audio normalisation statistics for one fold (`features.audio.normalize`).
+
+    `global`: mean/std of the fold's training speakers only. `speaker`: every speaker of the
+    fold with its own statistics (unsupervised: labels are never used), test speakers included.
+    """
+    from ks_keras.data import compute_norm_stats
+
+    mode = cfg.features.audio.normalize
+    if mode == "none" or "audio" not in cfg.model.modalities:
+        return None
+    ids = fold.train_ids if mode == "global" else fold.train_ids + fold.val_ids + fold.test_ids
+    return compute_norm_stats(cache, ids, mode, speaker_of=corpus.speaker_of())
+
+
+def attention_examples(
+    model,
+    cache,
+    ids: list[str],
+    cfg: Config,
+    layer_name: str | None = None,
+    normalizer=None,
+    speaker_of=None,
+):
     """Dense and key-sparse weights of one KS self-attention layer for a few utterances.
 
     The layer defaults to the first audio DFM layer (or the first key-sparse layer found).
-    Returns `{"layer", "ids", "lengths", "dense" [n, T, T], "sparse", "kept" [n, T]}` with
-    heads averaged (kept = fraction of heads keeping each key).
+    Returns `{"layer", "ids", "lengths", "dense" [n, T, T], "sparse" [n, T, T] (first head),
+    "kept_head" [n, T] (first head's kept keys), "kept" [n, T] (fraction of heads keeping each
+    key)}`.
     """
     import keras
 
@@ -310,9 +345,15 @@ def attention_examples(model, cache, ids: list[str], cfg: Config, layer_name: st
         return None
     layer = candidates[0]
     modality = "audio" if layer.name.startswith("audio") else "text"
-    inputs = load_arrays(cache, ids, cfg.data)
-    inputs = {k: v for k, v in inputs.items() if k in model.input}
-    node_input = layer._inbound_nodes[0].call_args[0]
+    inputs = load_arrays(
+        cache,
+        ids,
+        cfg.data,
+        modalities=cfg.model.modalities,
+        normalizer=normalizer,
+        speaker_of=speaker_of,
+    )
+    node_input = layer._inbound_nodes[0].arguments.args[0]
     x = np.asarray(keras.Model(model.input, node_input)(inputs))
     mask = inputs[f"{modality}_mask"]
     if layer.input_norm is not None:
@@ -327,8 +368,10 @@ def attention_examples(model, cache, ids: list[str], cfg: Config, layer_name: st
         "sparsity": layer.sparsity,
         "ids": list(ids),
         "lengths": mask.sum(axis=1).tolist(),
-        "dense": np.asarray(details["dense"]).mean(axis=1),
-        "sparse": np.asarray(details["sparse"]).mean(axis=1),
+        # One head shows the zeroed columns; averaging heads would blur them.
+        "dense": np.asarray(details["dense"])[:, 0],
+        "sparse": np.asarray(details["sparse"])[:, 0],
+        "kept_head": np.asarray(details["kept"])[:, 0],
         "kept": np.asarray(details["kept"], np.float32).mean(axis=1),
     }
 
@@ -564,9 +607,9 @@ def plot_attention(att: dict, path: Path) -> None:
         sparse = att["sparse"][row][:length, :length]
         vmax = float(dense.max()) or 1.0
         axes[row, 0].imshow(dense, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-        axes[row, 0].set_title(f"{utt}: dense weights", fontsize=9)
+        axes[row, 0].set_title(f"{utt}: dense weights (head 1)", fontsize=9)
         axes[row, 1].imshow(sparse, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-        axes[row, 1].set_title(f"key-sparse (sparsity {att['sparsity']:.2f})", fontsize=9)
+        axes[row, 1].set_title(f"key-sparse, head 1 (sparsity {att['sparsity']:.2f})", fontsize=9)
         for ax in axes[row, :2]:
             ax.set_xlabel("key")
             ax.set_ylabel("query")
@@ -577,7 +620,7 @@ def plot_attention(att: dict, path: Path) -> None:
         axes[row, 2].set_xlabel("key")
         axes[row, 2].set_ylabel("fraction of heads keeping it")
         axes[row, 2].set_title("kept keys", fontsize=9)
-    fig.suptitle(f"attention of layer {att['layer']} (heads averaged)", fontsize=10)
+    fig.suptitle(f"attention of key-sparse layer {att['layer']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
