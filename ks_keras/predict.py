@@ -610,7 +610,12 @@ def run_predict(args) -> int:
     paths = [args.audio] if "audio" in modalities else None
     texts = [args.text] if "text" in modalities else None
     [pred] = predictor.predict_files(paths, texts, signature=signature)
-    notes = predictor.featurizer.notes + pred.notes
+    ignored = [
+        f"the model does not read {mod}; the given {what} was ignored"
+        for mod, what, given in (("audio", "audio file", args.audio), ("text", "--text", args.text))
+        if given is not None and mod not in modalities
+    ]
+    notes = predictor.featurizer.notes + ignored + pred.notes
     if args.json:
         print(
             json.dumps(
