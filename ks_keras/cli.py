@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(target="ks_keras.demo:run_demo")
 
+    p = sub.add_parser("train", help="train one model; best epoch on held-out validation speakers")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run folder (default <train.output_dir>/train); "
+                   "re-run with the same folder to resume a killed run")
+    p.add_argument("--no-progress", action="store_true", help="no feature-extraction progress bar")
+    p.set_defaults(target="ks_keras.train_cli:run_train")
+
     return parser
 
 

@@ -1,0 +1,191 @@
+"""`ks-keras train`: one training run on a corpus, best epoch chosen on held-out speakers.
+
+corpus (`data.*`) → cached features (`features.*`) → speaker split (`eval.val_speakers`
+validation speakers, at least one, never seen in training) → `training.fit` → run folder.
+
+Besides what `training.fit` writes (see `ks_keras.training`), the run folder gets:
+
+```
+best.keras + best.keras.json   the best epoch as a plain float32 model + the sidecar that
+                               `ks-keras export` / `ks-keras predict` read
+split.json                     training and validation speakers and utterance counts
+val_metrics.json               WA, UA, macro-F1 and confusion on the validation speakers
+norm_stats.json                audio normalisation statistics (when features.audio.normalize)
+```
+
+Running the same command again after a crash resumes from the last finished epoch (same
+`--run-dir`). For cross-validated numbers use `ks-keras evaluate`.
+
+Example:
+
+    ks-keras train --config configs/emodb_demo.yaml --set train.epochs=30 --run-dir runs/emodb
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from ks_keras.corpora.manifest import Corpus
+
+
+def split_speakers(corpus: Corpus, n_val: int, seed: int) -> tuple[list[str], list[str]]:
+    """`(train_speakers, val_speakers)`: `n_val` validation speakers chosen by `seed`.
+
+    Where the manifest gives genders, validation speakers alternate between them (one of
+    each for `n_val=2`), so neither side loses a whole gender.
+
+    Raises:
+        ValueError: fewer than `n_val + 1` speakers.
+    """
+    speakers = sorted(corpus.speakers)
+    if n_val < 1:
+        raise ValueError(f"eval.val_speakers: expected at least 1, got {n_val}")
+    if len(speakers) < n_val + 1:
+        raise ValueError(
+            f"eval.val_speakers={n_val}: the corpus has {len(speakers)} speaker(s) "
+            f"({', '.join(speakers)}); need at least {n_val + 1} (validation + training)"
+        )
+    gender: dict[str, set] = {}
+    for u in corpus.utterances:
+        gender.setdefault(u.speaker, set()).add(u.gender)
+    gender_of = {s: (next(iter(g)) if len(g) == 1 else None) for s, g in gender.items()}
+    order = list(speakers)
+    random.Random(seed).shuffle(order)
+    chosen: list[str] = []
+    for _ in range(n_val):
+        left = [s for s in order if s not in chosen]
+        used = [gender_of[s] for s in chosen if gender_of[s]]
+        # Prefer a gender not validated yet; otherwise the next speaker in seeded order.
+        fresh = [s for s in left if gender_of[s] and gender_of[s] not in used]
+        chosen.append(fresh[0] if fresh else left[0])
+    val = sorted(chosen)
+    return [s for s in speakers if s not in val], val
+
+
+def run_train(args) -> int:
+    from ks_keras.config import load_config
+    from ks_keras.corpora import load_corpus
+    from ks_keras.features import check_model_dims
+    from ks_keras.training import get_strategy
+
+    cfg = load_config(args.config, args.overrides)
+    # First: multi-worker collectives must be configured before any other TF op, and an
+    # unavailable strategy must fail before minutes of feature extraction.
+    strategy = get_strategy(cfg.train)
+    corpus = load_corpus(cfg.data)
+    if len(corpus.labels) != cfg.model.num_classes:
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes}, but the corpus has "
+            f"{len(corpus.labels)} classes {corpus.labels}; set model.num_classes or data.labels"
+        )
+    check_model_dims(cfg)
+    train_speakers, val_speakers = split_speakers(
+        corpus, max(1, cfg.eval.val_speakers), cfg.train.seed
+    )
+    speaker_of = corpus.speaker_of()
+    train_ids = [i for i in corpus.ids if speaker_of[i] in train_speakers]
+    val_ids = [i for i in corpus.ids if speaker_of[i] in val_speakers]
+    train_labels = corpus.label_ids(train_ids)
+    if len(set(train_labels.tolist())) < 2:
+        raise ValueError(
+            f"training speakers {train_speakers} have only one class "
+            f"({corpus.labels[int(train_labels[0])]}); training needs at least 2"
+        )
+    print(
+        f"{corpus!r}\ntrain: {len(train_ids)} utterances ({', '.join(train_speakers)}); "
+        f"validation: {len(val_ids)} ({', '.join(val_speakers)})",
+        flush=True,
+    )
+    return _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_speakers)
+
+
+def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_speakers) -> int:
+    import keras
+
+    from ks_keras.data import compute_norm_stats, make_dataset
+    from ks_keras.export import write_model_sidecar
+    from ks_keras.features.cache import extract_corpus
+    from ks_keras.metrics import compute_metrics
+    from ks_keras.model import build_model
+    from ks_keras.training import balanced_class_weights, fit, worker_role
+
+    cache = extract_corpus(cfg, corpus, progress=not args.no_progress)
+    speaker_of = corpus.speaker_of()
+    modalities = tuple(cfg.model.modalities)
+    mode = cfg.features.audio.normalize
+    normalizer = None
+    if "audio" in modalities and mode != "none":
+        # Global statistics from training speakers only; per-speaker statistics need every
+        # speaker that will be normalised (labels are never used).
+        norm_ids = train_ids if mode == "global" else train_ids + val_ids
+        normalizer = compute_norm_stats(cache, norm_ids, mode, speaker_of)
+
+    def dataset(ids, shuffle):
+        return make_dataset(
+            cache,
+            ids,
+            corpus.label_ids(ids),
+            cfg.data,
+            batch_size=cfg.train.batch_size,
+            shuffle=shuffle,
+            seed=cfg.train.seed,
+            modalities=modalities,
+            normalizer=normalizer,
+            speaker_of=speaker_of,
+            num_classes=cfg.model.num_classes,
+        )
+
+    class_weight = None
+    if cfg.data.class_weights:
+        class_weight = balanced_class_weights(corpus.label_ids(train_ids), cfg.model.num_classes)
+    run_dir = Path(args.run_dir or Path(cfg.train.output_dir) / "train")
+    val_ds = dataset(val_ids, False)
+    result = fit(
+        lambda: build_model(cfg),
+        dataset(train_ids, True),
+        val_ds,
+        cfg,
+        run_dir,
+        class_weight=class_weight,
+        monitor="val_ua",
+        strategy=strategy,
+    )
+
+    # A plain float32 copy of the best weights (no optimizer state, no strategy) for export,
+    # prediction and the validation report; predicting with it needs no collective ops.
+    keras.mixed_precision.set_global_policy("float32")
+    plain = build_model(cfg)
+    plain.set_weights(result.model.get_weights())
+    pred = plain.predict(val_ds, verbose=0).argmax(-1)
+    metrics = compute_metrics(corpus.label_ids(val_ids), pred, cfg.model.num_classes)
+    is_chief, _ = worker_role(strategy)
+    if is_chief:
+        model_path = run_dir / "best.keras"
+        plain.save(model_path)
+        extractors = cache.metadata["extractors"]
+        write_model_sidecar(
+            model_path, cfg, list(corpus.labels), {m: extractors[m] for m in modalities}
+        )
+        split = {
+            "train_speakers": train_speakers,
+            "val_speakers": val_speakers,
+            "n_train": len(train_ids),
+            "n_val": len(val_ids),
+        }
+        (run_dir / "split.json").write_text(json.dumps(split, indent=1))
+        report = {**metrics, "confusion": metrics["confusion"].tolist(), "labels": corpus.labels}
+        report.update(best_epoch=result.best_epoch, monitor=result.monitor)
+        (run_dir / "val_metrics.json").write_text(json.dumps(report, indent=1))
+        if normalizer is not None:
+            (run_dir / "norm_stats.json").write_text(json.dumps(normalizer.to_dict()))
+    best = "none" if result.best_epoch is None else f"{result.best_epoch + 1}"
+    print(
+        f"best epoch {best}/{cfg.train.epochs} by {result.monitor}; validation speakers "
+        f"({', '.join(val_speakers)}): WA {metrics['wa']:.3f} UA {metrics['ua']:.3f} "
+        f"macro-F1 {metrics['macro_f1']:.3f}\nrun folder: {run_dir}"
+        + (f"\nmodel: {run_dir / 'best.keras'}" if is_chief else ""),
+        flush=True,
+    )
+    return 0
