@@ -1,0 +1,165 @@
+"""evaluate_corpus end to end on a tiny synthetic corpus (audio-only, log-mel, 1-2 epochs)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ks_keras.cli import main
+from ks_keras.config import config_from_dict
+from ks_keras.evaluation import evaluate_corpus
+
+LABELS = ["high", "low"]
+
+
+def _corpus(tmp_path, speakers=("s1", "s2", "s3", "s4"), per_class=3):
+    rng = np.random.default_rng(0)
+    rows = []
+    for s_i, speaker in enumerate(speakers):
+        for label in LABELS:
+            for k in range(per_class):
+                t = np.arange(int(16000 * 0.4)) / 16000
+                freq = 300 if label == "low" else 2500
+                wave = 0.3 * np.sin(2 * np.pi * (freq + 20 * s_i) * t)
+                wave += 0.01 * rng.standard_normal(len(t))
+                name = f"{speaker}_{label}_{k}.wav"
+                sf.write(str(tmp_path / name), wave.astype(np.float32), 16000)
+                rows.append(
+                    {
+                        "path": name,
+                        "speaker": speaker,
+                        "label": label,
+                        "text": "some words",
+                        "gender": "mf"[s_i % 2],
+                    }
+                )
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def _cfg(tmp_path, manifest, *extra):
+    return config_from_dict(
+        {},
+        [
+            "model.modalities=[audio]",
+            "model.audio_dim=16",
+            "model.num_heads=2",
+            "model.audio_ffn_dim=8",
+            "model.n_fem=1",
+            "model.n_dfm=1",
+            "model.head_units=[8]",
+            "model.num_classes=2",
+            "features.audio.n_mels=16",
+            f"features.cache_dir={tmp_path / 'cache'}",
+            "data.corpus=manifest",
+            f"data.manifest={manifest}",
+            "data.audio_max_len=48",
+            "train.epochs=2",
+            "train.batch_size=8",
+            "train.lr=3e-3",
+            "train.schedule=constant",
+            "eval.val_speakers=1",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    manifest = _corpus(tmp)
+    cfg = _cfg(tmp, manifest)
+    cv, report = evaluate_corpus(
+        cfg, tmp / "report", max_folds=2, progress=False, verbose=0, log=lambda *_: None
+    )
+    return cv, report
+
+
+def test_report_and_results(honest):
+    cv, report = honest
+    assert len(cv.results) == 2 and cv.protocol == "honest"
+    for r in cv.results:
+        fold = r.fold
+        assert fold.val_speakers and not set(fold.val_speakers) & set(fold.test_speakers)
+        assert len(r.y_true) == len(fold.test_ids) == 6
+        assert r.best_epoch is not None
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert 0.0 <= metrics["pooled"]["ua"]["mean"] <= 1.0
+    assert metrics["git_commit"] is None or len(metrics["git_commit"]) == 40
+    for name in ("folds.csv", "confusion_matrix.png", "curves.png", "attention.png", "config.yaml"):
+        assert (report / name).is_file(), name
+    baseline = metrics["baseline"]
+    assert "ua" in baseline or "skipped" in baseline
+
+
+def test_paper_protocol_via_cli(tmp_path, capsys):
+    manifest = _corpus(tmp_path, speakers=("a", "b", "c"), per_class=2)
+    cfg_path = tmp_path / "cfg.yaml"
+    from ks_keras.config import save_config
+
+    save_config(_cfg(tmp_path, manifest, "train.epochs=1"), cfg_path)
+    rc = main(
+        [
+            "evaluate",
+            "--config",
+            str(cfg_path),
+            "--protocol",
+            "paper",
+            "--max-folds",
+            "1",
+            "--no-baseline",
+            "--no-progress",
+            "--report-dir",
+            str(tmp_path / "rep"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "PAPER PROTOCOL" in out
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert metrics["protocol"] == "paper" and "PAPER PROTOCOL" in metrics["title"]
+    assert metrics["folds"][0]["val_speakers"] == []
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.num_classes=3", "num_classes"),
+        ("eval.val_speakers=5", "val_speakers"),
+        ("train.strategy=multiworker", "TF_CONFIG"),
+        ("data.labels=[high]", "data.labels"),
+    ],
+)
+def test_bad_setups_fail_before_training(tmp_path, capsys, override, message, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    manifest = _corpus(tmp_path, speakers=("a", "b", "c"), per_class=1)
+    cfg_path = tmp_path / "cfg.yaml"
+    from ks_keras.config import save_config
+
+    try:
+        save_config(_cfg(tmp_path, manifest), cfg_path)
+        rc = main(
+            [
+                "evaluate",
+                "--config",
+                str(cfg_path),
+                "--set",
+                override,
+                "--no-baseline",
+                "--no-progress",
+                "--report-dir",
+                str(tmp_path / "rep"),
+            ]
+        )
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert message in err
+    assert not (tmp_path / "rep" / "metrics.json").exists()
