@@ -657,6 +657,18 @@ def fit(
 
     Returns:
         A `FitResult`; its model holds the best epoch's weights.
+
+    Notes:
+        - Reproducibility: `fit` seeds everything before building the model, but a
+          `tf.data` shuffle combines its own seed with the global TF seed in force when the
+          dataset was *created*. Two runs in fresh processes match; within one process,
+          create the datasets after the same `tf.random.set_seed` call to match too.
+        - Resume: the history, the best checkpoint and the optimizer state survive a kill;
+          an `EarlyStopping` patience counter restarts from zero.
+        - Multi-worker: every worker runs the same call with its own `TF_CONFIG`; the chief
+          writes `run_dir`, the others a private `run_dir/workers/worker_<i>` (removed at the
+          end). Datasets are sharded by element (`AutoShardPolicy.DATA`), so every worker
+          must build them with the same shuffle seed.
     """
     validate_config(cfg)
     train_cfg = cfg.train
@@ -664,6 +676,7 @@ def fit(
     _check_monitor(monitor, val_ds is not None)
     class_weight = _check_class_weight(class_weight, n_classes)
     strategy = strategy or get_strategy(train_cfg)
+    compat.apply_multiworker_patches(strategy)  # no-op unless multi-worker; idempotent
     replicas = strategy.num_replicas_in_sync
     if train_cfg.batch_size < replicas:
         raise ValueError(
