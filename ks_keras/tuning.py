@@ -465,6 +465,10 @@ def check_space(space: SearchSpace, cfg: Config, tuner: str = "random") -> list[
     """
     from ks_keras.config import _coerce
 
+    try:
+        _check_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"the base config is not trainable: {e}") from None
     notes = []
     seen: set[str] = set()
     for p in space.params:
@@ -566,6 +570,9 @@ class KSTHyperModel(kt.HyperModel):
         n_train: number of training examples (needed only when `train.batch_size` is tuned).
         class_weight: optional `{class id: weight}` for the loss.
         hyperband_max_epochs: the schedule horizon under Hyperband (`train.epochs`).
+        train_data: the training batches, or a zero-argument function returning them; a
+            function is called once per trial, so every trial (and the retraining) sees the
+            same seeded shuffle order. Used when `fit` gets no `x`.
     """
 
     def __init__(
@@ -576,8 +583,10 @@ class KSTHyperModel(kt.HyperModel):
         n_train: int | None = None,
         class_weight: dict[int, float] | None = None,
         hyperband_max_epochs: int | None = None,
+        train_data: tf.data.Dataset | Callable[[], tf.data.Dataset] | None = None,
     ):
         super().__init__(name="ks_transformer")
+        self.train_data = train_data
         self.cfg = cfg
         self.space = space
         self.steps_per_epoch = steps_per_epoch
@@ -647,9 +656,10 @@ class KSTHyperModel(kt.HyperModel):
         return math.ceil(self.n_train / cfg.train.batch_size)
 
     def build(self, hp):
-        cfg = self.trial_config(hp)
         if self.declare_only:
+            self.declare(hp)
             return None
+        cfg = self.trial_config(hp)
         previous_policy = keras.mixed_precision.global_policy()
         try:
             setup_precision_and_seeds(cfg.train)
@@ -668,7 +678,7 @@ class KSTHyperModel(kt.HyperModel):
         self,
         hp,
         model,
-        x,
+        x=None,
         validation_data=None,
         callbacks=None,
         epochs=None,
@@ -677,6 +687,8 @@ class KSTHyperModel(kt.HyperModel):
         **kwargs,
     ):
         cfg = self.trial_config(hp)
+        if x is None:
+            x = materialize(self.train_data, "train_ds")
         train_ds = self._rebatch(x, cfg.train.batch_size)
         val_ds = self._rebatch(validation_data, cfg.train.batch_size)
         if train_ds is not x:
@@ -702,6 +714,21 @@ class KSTHyperModel(kt.HyperModel):
 
 # ---------------------------------------------------------------------------------------------
 # Tuners: KerasTuner's own, reporting every finished trial (loudly when it failed).
+
+
+def materialize(
+    data: tf.data.Dataset | Callable[[], tf.data.Dataset] | None, name: str
+) -> tf.data.Dataset:
+    """A dataset, or a fresh one from a zero-argument factory (same seeded order each call)."""
+    if isinstance(data, tf.data.Dataset):
+        return data
+    if callable(data):
+        data = data()
+        if isinstance(data, tf.data.Dataset):
+            return data
+    raise ValueError(
+        f"{name}: expected a tf.data.Dataset or a function returning one, got {type(data).__name__}"
+    )
 
 
 def _last_line(message: str | None) -> str:
@@ -819,6 +846,10 @@ def make_tuner(
         raise ValueError(f"tuner: expected one of {', '.join(TUNERS)}, got {kind!r}")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials: expected an integer >= 1, got {trials!r}")
+    if max_consecutive_failures < 1:
+        raise ValueError(
+            f"max_consecutive_failures: expected an integer >= 1, got {max_consecutive_failures}"
+        )
     project_dir = Path(project_dir)
     objective = kt.Objective(OBJECTIVE, direction="max")
     oracle_args = dict(
@@ -889,7 +920,7 @@ class SearchResult:
     rows: list[TrialRow]
     best: TrialRow | None
     best_config: Config | None
-    new_trials: int
+    new_trials: int  # trials run to their end by this call (an interrupted one re-runs)
     aborted: str | None = None
     fold_info: dict | None = None
     class_weight: dict[int, float] | None = None
@@ -1139,7 +1170,7 @@ def _check_strategy(strategy: tf.distribute.Strategy) -> None:
 def run_search(
     cfg: Config,
     space: SearchSpace,
-    train_ds: tf.data.Dataset,
+    train_ds: tf.data.Dataset | Callable[[], tf.data.Dataset],
     val_ds: tf.data.Dataset,
     project_dir: str | Path,
     *,
@@ -1160,7 +1191,10 @@ def run_search(
         cfg: the base config: the default point and everything not tuned.
         space: the search space (`load_space`); checked here against `cfg`.
         train_ds: training batches `(inputs dict, int labels)` at the global batch size
-            `cfg.train.batch_size` (shuffled, seeded).
+            `cfg.train.batch_size` (shuffled, seeded), or better a zero-argument function
+            returning them: it is called for every trial, so all trials (and the retraining)
+            see the same shuffle order, whereas one dataset object reshuffles differently on
+            each pass.
         val_ds: the validation speakers' batches: the objective `val_ua` is measured on them.
             Never pass test speakers here.
         project_dir: the project folder (see the module docstring). An existing project is
@@ -1187,12 +1221,13 @@ def run_search(
         log(f"note: {note}")
     strategy = strategy or get_strategy(cfg.train)
     _check_strategy(strategy)
-    steps = count_batches(train_ds, "train_ds")
-    count_batches(val_ds, "val_ds")
+    first = materialize(train_ds, "train_ds")
+    steps = count_batches(first, "train_ds")
+    count_batches(materialize(val_ds, "val_ds"), "val_ds")
     n_train = None
     if "train.batch_size" in space.names:
         n_train = int(
-            train_ds.reduce(np.int64(0), lambda n, b: n + tf.cast(tf.shape(b[1])[0], tf.int64))
+            first.reduce(np.int64(0), lambda n, b: n + tf.cast(tf.shape(b[1])[0], tf.int64))
         )
 
     project_dir = Path(project_dir)
@@ -1211,6 +1246,7 @@ def run_search(
         n_train=n_train,
         class_weight=class_weight,
         hyperband_max_epochs=cfg.train.epochs if tuner == "hyperband" else None,
+        train_data=train_ds,
     )
     keras_tuner = make_tuner(
         tuner,
@@ -1229,13 +1265,14 @@ def run_search(
     (project_dir / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
 
     before = len(keras_tuner.oracle.trials)
+    ended_before = len(keras_tuner.oracle.end_order)
     remaining = keras_tuner.oracle.remaining_trials()
     if before:
         log(f"resuming {kt_dir}: {before} trial(s) already run; {max(remaining or 0, 0)} to go")
     aborted = None
     try:
+        # No `x`: the HyperModel takes its training data itself (fresh from a factory).
         keras_tuner.search(
-            train_ds,
             validation_data=val_ds,
             callbacks=[
                 keras.callbacks.TensorBoard(
@@ -1263,7 +1300,7 @@ def run_search(
         rows=rows,
         best=best,
         best_config=best_config,
-        new_trials=len(keras_tuner.oracle.trials) - before,
+        new_trials=len(keras_tuner.oracle.end_order) - ended_before,
         aborted=aborted,
         fold_info=fold_info,
         class_weight=class_weight,
@@ -1322,9 +1359,12 @@ def _require_tensorboard() -> None:
 
 @dataclass
 class FoldData:
-    """The datasets of one fold, ready for `run_search` and `finish_search`."""
+    """The datasets of one fold, ready for `run_search` and `finish_search`.
 
-    train_ds: tf.data.Dataset
+    `train_ds` may be a function returning a fresh (identically shuffled) dataset.
+    """
+
+    train_ds: tf.data.Dataset | Callable[[], tf.data.Dataset]
     val_ds: tf.data.Dataset
     test_ds: tf.data.Dataset
     labels: list[str]
@@ -1356,7 +1396,9 @@ def _predict(model: keras.Model, test_ds: tf.data.Dataset) -> tuple[np.ndarray, 
     truth, pred = [], []
     for batch in test_ds:
         inputs, labels = batch[0], batch[1]
-        logits = model.predict_on_batch(inputs)
+        # A plain call, not predict_on_batch: under MirroredStrategy (Keras 3.15) that returns
+        # every replica's outputs for the whole batch (twice the rows on 2 replicas).
+        logits = model(inputs, training=False)
         truth.append(np.asarray(labels).reshape(-1))
         pred.append(np.argmax(np.asarray(logits), axis=-1))
     return np.concatenate(truth), np.concatenate(pred)
@@ -1430,7 +1472,7 @@ def finish_search(
     )
     fitted = fit(
         lambda: build_model(cfg),
-        data.train_ds,
+        materialize(data.train_ds, "train_ds"),
         data.val_ds,
         cfg,
         run_dir,
@@ -1576,7 +1618,7 @@ def prepare_fold_data(
         )
     extractors = cache.metadata.get("extractors", {})
     return FoldData(
-        train_ds=dataset(chosen.train_ids, True),
+        train_ds=lambda: dataset(chosen.train_ids, True),
         val_ds=dataset(chosen.val_ids, False),
         test_ds=dataset(chosen.test_ids, False),
         labels=list(corpus.labels),

@@ -111,7 +111,7 @@ def fold_data():
         "text": {"type": "synthetic", "dim": TEXT_DIM},
     }
     return tuning.FoldData(
-        train_ds=synthetic_ds(24, 0, shuffle=True),
+        train_ds=lambda: synthetic_ds(24, 0, shuffle=True),  # fresh per trial
         val_ds=synthetic_ds(16, 1),
         test_ds=synthetic_ds(16, 2),
         labels=LABELS,
@@ -442,6 +442,8 @@ def test_best_model_retrained_tested_and_exported(searched, tmp_path):
     np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
     assert exported.metadata["config"] == result.best_config.to_dict()
     record = json.loads((project / "final.json").read_text())
+    # Same seed, same config, same (fresh) shuffle order: the retraining reproduces the trial.
+    assert record["retrained_val_ua"] == pytest.approx(result.best.val_ua, abs=1e-6)
     assert record["trial_id"] == result.best.trial_id and record["export_path"] == str(
         final.export_path
     )
@@ -467,7 +469,7 @@ def test_failed_trials_are_reported_and_no_best(tmp_path, monkeypatch, capsys):
     result = tuning.run_search(
         tiny_config(),
         tuning.space_from_dict(TINY_SPACE),
-        data.train_ds,
+        synthetic_ds(24, 0, shuffle=True),  # a dataset object works too
         data.val_ds,
         tmp_path / "p",
         trials=3,
