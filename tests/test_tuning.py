@@ -460,6 +460,62 @@ def test_best_model_retrained_tested_and_exported(searched, tmp_path):
     assert not (tmp_path / "saved_models" / "tuned" / "2").exists()
 
 
+def test_hyperband_search_continues_trials_and_resumes(tmp_path):
+    space = {
+        "hyperparameters": {
+            "train.lr": {"type": "float", "min": 1e-3, "max": 1e-2, "sampling": "log"},
+            "model.dropout": {"type": "float", "min": 0.0, "max": 0.3},
+        }
+    }
+    cfg, data = tiny_config(epochs=3), fold_data()
+    args = (cfg, tuning.space_from_dict(space), data.train_ds, data.val_ds, tmp_path / "hb")
+    result = tuning.run_search(*args, tuner="hyperband", trials=4, verbose=0)
+    assert len(result.rows) == 4 and not result.failed
+    for row in result.rows:
+        assert row.extra["tuner/epochs"] <= 3  # Hyperband's epochs, at most train.epochs
+        assert row.extra["tuner/initial_epoch"] < row.best_epoch <= row.extra["tuner/epochs"]
+    # Its second round continues a first-round trial from that trial's checkpoint.
+    continued = [r for r in result.rows if r.extra["tuner/initial_epoch"] > 0]
+    assert continued and continued[0].extra["tuner/trial_id"] in {r.trial_id for r in result.rows}
+    assert load_config(result.best_config_path).train.epochs == 3
+    assert tuning.run_search(*args, tuner="hyperband", trials=4, verbose=0).new_trials == 0
+
+
+_MIRRORED_SCRIPT = """
+import sys
+import tensorflow as tf
+(cpu,) = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import importlib.util
+spec = importlib.util.spec_from_file_location("tt", sys.argv[1])
+tt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tt)
+from ks_keras import tuning
+cfg, data = tt.tiny_config(strategy="mirrored"), tt.fold_data()
+space = tuning.space_from_dict(tt.TINY_SPACE)
+r = tuning.run_search(cfg, space, data.train_ds, data.val_ds, sys.argv[2], trials=2, verbose=0)
+f = tuning.finish_search(r, data, export=False, verbose=0)
+print("RESULT", r.strategy.num_replicas_in_sync, len(r.completed), f.test_metrics["n"])
+"""
+
+
+@pytest.mark.large
+def test_search_under_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_SCRIPT, __file__, str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    assert lines[0].split()[1:] == ["2", "2", "16"]  # 2 replicas, 2 trials, 16 test rows
+
+
 def test_failed_trials_are_reported_and_no_best(tmp_path, monkeypatch, capsys):
     def broken(cfg, *args, **kwargs):
         raise RuntimeError("boom: the model cannot be built")
