@@ -542,6 +542,32 @@ def test_failed_trials_are_reported_and_no_best(tmp_path, monkeypatch, capsys):
         tuning.finish_search(result, data)
 
 
+def test_overwrite_starts_afresh_only_when_asked(tmp_path, monkeypatch):
+    def broken(cfg, *args, **kwargs):  # fast trials: this test is about the project folder
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tuning, "build_model", broken)
+    data, project = fold_data(), tmp_path / "p"
+    space = tuning.space_from_dict(TINY_SPACE)
+    (tmp_path / "p").mkdir()
+    (project / "notes.txt").write_text("mine")
+    first = tuning.run_search(tiny_config(), space, data.train_ds, data.val_ds, project, trials=2)
+    assert len(first.rows) == 2
+    # Without overwrite, a different space is refused, naming the way out.
+    other = tuning.space_from_dict(
+        {"hyperparameters": {"model.n_ccab": TINY_SPACE["hyperparameters"]["model.n_ccab"]}}
+    )
+    with pytest.raises(ValueError, match="--overwrite"):
+        tuning.run_search(tiny_config(), other, data.train_ds, data.val_ds, project, trials=1)
+    again = tuning.run_search(
+        tiny_config(), other, data.train_ds, data.val_ds, project, trials=1, overwrite=True
+    )
+    assert [r.trial_id for r in again.rows] == ["0"] and set(again.rows[0].values) == {
+        "model.n_ccab"
+    }
+    assert (project / "notes.txt").read_text() == "mine"  # only the search's own files go
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI: corpus → features → fold datasets → search.
 
