@@ -708,6 +708,7 @@ class KSTHyperModel(kt.HyperModel):
             class_weight=self.class_weight,
             callbacks=callbacks,
             verbose=verbose,
+            shuffle=False,  # the pipeline shuffles (seeded); Keras cannot shuffle a dataset
             **kwargs,
         )
 
