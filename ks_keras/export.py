@@ -626,6 +626,14 @@ def export_model(
 
     labels = _check_labels(labels, cfg.model.num_classes)
     _check_model_matches(model, cfg, labels)
+    audio = cfg.features.audio
+    if "audio" in cfg.model.modalities and audio.type == "logmel":
+        if audio.n_mels != cfg.model.audio_dim:
+            raise ValueError(
+                f"features.audio.n_mels={audio.n_mels} but model.audio_dim="
+                f"{cfg.model.audio_dim}: the config does not describe the features this model "
+                "was trained on"
+            )
     name = name or cfg.export.name
     if not _NAME_RE.match(name):
         raise ValueError(

@@ -303,6 +303,15 @@ def test_export_rejects_mismatches(exported, tmp_path):
         )
     with pytest.raises(ValueError, match="export name"):
         ex.export_model(model, cfg, LABELS, meta, base_dir=tmp_path, name="a/b", verify=False)
+    with pytest.raises(ValueError, match="features.audio.n_mels=80"):
+        ex.export_model(
+            model,
+            tiny_config(features={"audio": {"type": "logmel", "n_mels": 80}}),
+            LABELS,
+            meta,
+            base_dir=tmp_path,
+            verify=False,
+        )
     assert not any(tmp_path.iterdir())
 
 
