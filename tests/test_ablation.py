@@ -1,0 +1,52 @@
+"""scripts/ablation.py runs the Table 1/2 grids and writes the markdown table (large: trains)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from ks_keras.config import save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_script():
+    return _load("ablation", ROOT / "scripts" / "ablation.py")
+
+
+def test_tables_hold_the_paper_numbers():
+    ablation = _load_script()
+    assert [row[3] for row in ablation.TABLE_1] == [0.734, 0.735, 0.740, 0.753]
+    assert [row[3] for row in ablation.TABLE_2] == [0.714, 0.748, 0.753]
+
+
+def test_unknown_table_is_rejected(tmp_path):
+    ablation = _load_script()
+    with pytest.raises(SystemExit):
+        ablation.run(["--config", "configs/emodb_demo.yaml", "--tables", "3"])
+
+
+@pytest.mark.large
+def test_ablation_grid_on_a_tiny_corpus(tmp_path):
+    e2e = _load("e2e", ROOT / "tests" / "test_evaluation_e2e.py")
+    _cfg, _corpus = e2e._cfg, e2e._corpus
+    manifest = _corpus(tmp_path, speakers=("a", "b", "c"), per_class=2)
+    cfg = _cfg(tmp_path, manifest, "model.modalities=[audio, text]", "model.text_dim=384",
+               "model.text_d_model=16", "model.text_ffn_dim=8", "data.text_max_len=8",
+               "train.epochs=1")
+    path = tmp_path / "cfg.yaml"
+    save_config(cfg, path)
+    ablation = _load_script()
+    rc = ablation.run(["--config", str(path), "--tables", "1,2", "--max-folds", "1",
+                       "--no-progress", "--out-dir", str(tmp_path / "abl")])
+    assert rc == 0
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "n_ccab = 3" in table and "FEM + MIM + DFM" in table and "0.753" in table
+    assert table.count("±") >= 2 * 7
