@@ -11,6 +11,70 @@ from ks_keras.layers.positional import SinusoidalPositionalEncoding
 
 
 @keras.saving.register_keras_serializable(package="ks_keras")
+class FastLayerNormalization(keras.layers.LayerNormalization):
+    """`keras.layers.LayerNormalization` over the last axis with a hand-written gradient.
+
+    Same weights (`gamma`, `beta`), same output up to float rounding. Automatic
+    differentiation of Keras' formula runs about a dozen element-wise passes over the
+    activations per backward step and keeps several intermediates; this keeps only the
+    normalised input and the inverse standard deviation (one value per position). See
+    docs/performance.md. Other configurations (several axes, RMS scaling, no centering or
+    scaling) fall back to the base class.
+    """
+
+    def call(self, inputs):
+        axis = self.axis if isinstance(self.axis, int) else tuple(self.axis)
+        last = axis in (-1, len(inputs.shape) - 1) or axis in ((-1,), (len(inputs.shape) - 1,))
+        if not (last and self.center and self.scale) or self.rms_scaling:
+            return super().call(inputs)
+        return _layer_norm_last_axis(
+            inputs, self.gamma, self.beta, self.epsilon, self.compute_dtype
+        )
+
+
+def _layer_norm_last_axis(inputs, gamma, beta, epsilon, out_dtype):
+    """LayerNorm over the last axis, float32 statistics, with its analytic gradient."""
+    gamma = ops.convert_to_tensor(gamma)
+    beta = ops.convert_to_tensor(beta)
+
+    @ops.custom_gradient
+    def norm(x, gamma, beta):
+        x32 = x if x.dtype == "float32" else ops.cast(x, "float32")
+        mean = ops.mean(x32, axis=-1, keepdims=True)
+        centered = x32 - mean
+        inv_std = ops.rsqrt(ops.mean(ops.square(centered), axis=-1, keepdims=True) + epsilon)
+        normalized = centered * inv_std
+        g32 = ops.cast(gamma, "float32")
+        out = ops.cast(normalized * g32 + ops.cast(beta, "float32"), out_dtype)
+
+        def grad(d_out, variables=None):
+            with keras.name_scope("layer_norm_grad"):
+                d32 = ops.cast(d_out, "float32")
+                reduce_axes = tuple(range(len(d32.shape) - 1))
+                d_gamma = ops.sum(d32 * normalized, axis=reduce_axes)
+                d_beta = ops.sum(d32, axis=reduce_axes)
+                d_norm = d32 * g32
+                # dx = inv_std * (dn - mean(dn) - n * mean(dn * n)) over the normalised axis.
+                d_x = inv_std * (
+                    d_norm
+                    - ops.mean(d_norm, axis=-1, keepdims=True)
+                    - normalized * ops.mean(d_norm * normalized, axis=-1, keepdims=True)
+                )
+                grads = (
+                    ops.cast(d_x, x.dtype),
+                    ops.cast(d_gamma, gamma.dtype),
+                    ops.cast(d_beta, beta.dtype),
+                )
+            if variables is not None:
+                return grads, [None] * len(variables)
+            return grads
+
+        return out, grad
+
+    return norm(inputs, gamma, beta)
+
+
+@keras.saving.register_keras_serializable(package="ks_keras")
 class TransformerLayer(keras.layers.Layer):
     """One Transformer encoder layer (SPEC §3), post-norm.
 
@@ -100,13 +164,19 @@ class TransformerLayer(keras.layers.Layer):
                 query_mask_in_scores=self.query_mask_in_scores,
                 **attn_kwargs,
             )
+        elif self.dropout > 0.0:
+            # Vanilla attention. With attention dropout, stock MultiHeadAttention takes its
+            # explicit path (masked softmax, dropout, weights x values), which our layer with
+            # sparsity 0 computes identically (same weights, same dropout mask) but with a
+            # leaner, hand-written backward pass: less memory and time (docs/performance.md).
+            self.attention = KeySparseAttention(sparsity=0.0, **attn_kwargs)
         else:
             self.attention = keras.layers.MultiHeadAttention(**attn_kwargs)
         kv_shape = tuple(context_shape) if context_shape is not None else tuple(input_shape)
         self.attention.build(tuple(input_shape), kv_shape, kv_shape)
 
         def norm(name):
-            layer = keras.layers.LayerNormalization(
+            layer = FastLayerNormalization(
                 epsilon=self.layer_norm_eps, dtype=self.dtype_policy, name=name
             )
             layer.build(tuple(input_shape))

@@ -15,6 +15,9 @@ from keras import ops
 _KEEP_SCALE = 1_000_000
 _LARGE_NEGATIVE = -1e9
 K_FROM_CHOICES = ("valid", "padded")
+# MultiHeadAttention's einsum equations for [B, T, N, H] inputs (the only layout the
+# hand-written gradient handles): scores [B, N, T, S] = K·Q, output [B, T, N, H] = W·V.
+_EQUATIONS = ("aecd,abcd->acbe", "acbe,aecd->abcd")
 
 
 def num_kept_keys(sparsity: float, length: int) -> int:
@@ -95,6 +98,11 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         self.renormalize = bool(renormalize)
         self.query_mask_in_scores = bool(query_mask_in_scores)
         self._keep_num = round((1.0 - self.sparsity) * _KEEP_SCALE)
+        # Hand-written attention gradient (less memory, fewer ops); False = autodiff (tests).
+        self._fused_gradient = True
+        # Recompute the softmax in the backward pass instead of keeping it: less memory, one
+        # more scores matmul + softmax per layer (off: docs/performance.md has the trade-off).
+        self._recompute_probs = False
 
     def get_config(self):
         config = super().get_config()
@@ -111,9 +119,99 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
 
     # -----------------------------------------------------------------------------------------
     # The attention-score step (the only part that differs from stock MultiHeadAttention).
+    #
+    # Two equivalent routes. `_attention_weights` materialises the dense and key-sparse weight
+    # matrices (for `return_attention_scores` and `attention_details`). The default call never
+    # builds the sparse matrix: zeroing column s of the weights is the same as zeroing value
+    # row s of that head (`W_sparse V = W (kept * V)`), and zeroing a fully masked query row
+    # of the weights is the same as zeroing that row of the output; both act on tensors
+    # N·T/H times smaller than the `[B, N, T, S]` weights. See docs/performance.md.
+
+    def _masks(self, attention_mask):
+        """`(softmax_mask, key_valid [B, S], row_valid [B, T], voters [B, T])`, or Nones.
+
+        `softmax_mask` broadcasts against the `[B, N, T, S]` logits; `row_valid` marks the
+        query rows with at least one allowed key (the others get zero weight); `voters` marks
+        the rows whose weights count in the column scores (None: every row).
+        """
+        if attention_mask is None:
+            return None, None, None, None
+        pair_mask = ops.cast(attention_mask, "bool")  # [B, T, S]
+        key_valid = ops.any(pair_mask, axis=1)  # [B, S]
+        query_valid = ops.any(pair_mask, axis=2)  # [B, T]
+        if self.query_mask_in_scores:
+            return ops.expand_dims(pair_mask, 1), key_valid, query_valid, query_valid
+        # Authors' behaviour: every query row (padding included) distributes its weight over
+        # the real keys and votes with it; only a sample without any real key has empty rows.
+        softmax_mask = key_valid[:, None, None, :]  # [B, 1, 1, S]
+        any_key = ops.any(key_valid, axis=-1, keepdims=True)  # [B, 1]
+        row_valid = ops.broadcast_to(any_key, ops.shape(query_valid))
+        return softmax_mask, key_valid, row_valid, None
+
+    def _masked_probs(self, query, key, softmax_mask):
+        """Softmax over the keys in float32, whatever the compute dtype; `[B, N, T, S]`.
+
+        Masked keys get weight 0; a row without any allowed key comes out uniform here and is
+        zeroed by the caller.
+        """
+        if query.dtype != "float32":
+            query = ops.cast(query, "float32")
+        if key.dtype != "float32":
+            key = ops.cast(key, "float32")
+        query = ops.multiply(query, ops.cast(self._inverse_sqrt_key_dim, "float32"))
+        logits = ops.einsum(self._dot_product_equation, key, query)  # [B, N, T, S]
+        if softmax_mask is not None:
+            logits = ops.where(softmax_mask, logits, _LARGE_NEGATIVE)
+        return ops.softmax(logits, axis=-1)
+
+    def _kept_keys(self, probs, key_valid, voters):
+        """Bool `[B, N, S]`: the keys whose column score reaches the sample's k-th largest.
+
+        `probs` must have zero rows wherever `voters` is False, or `voters` must be given.
+        """
+        with keras.name_scope("key_selection"):
+            # No gradient flows through the choice of keys (it is a comparison); saying so keeps
+            # the column-score computation out of the backward pass.
+            probs = ops.stop_gradient(probs)
+            # Column scores: the total weight the voting queries give each key. A batched
+            # mat-vec reads the weights once instead of writing a masked copy.
+            if voters is not None:
+                row_weights = ops.cast(voters, "float32")[:, None, None, :]  # [B, 1, 1, T]
+                col_scores = ops.squeeze(ops.matmul(row_weights, probs), axis=2)  # [B, N, S]
+            else:
+                col_scores = ops.sum(probs, axis=2)
+
+            num_keys = ops.shape(col_scores)[-1]
+            if key_valid is not None:
+                # Padded keys can never be picked: they rank below every real key (scores >= 0).
+                col_scores = ops.where(key_valid[:, None, :], col_scores, -1.0)
+                n_valid = ops.sum(ops.cast(key_valid, "int32"), axis=-1)  # [B]
+            else:
+                n_valid = None
+
+            # k per sample, by integer arithmetic so float rounding cannot drop a key.
+            k_max = self._k_from_length(num_keys)
+            if self.k_from == "valid" and n_valid is not None:
+                k = self._k_from_length(n_valid)  # [B]
+            else:
+                k = None
+
+            # A threshold from top_k (static k_max when the key length is static; no full sort).
+            top_values, _ = ops.top_k(col_scores, k_max, sorted=True)  # [B, N, k_max]
+            if k is None:
+                threshold = top_values[..., -1:]  # [B, N, 1]
+            else:
+                # Each sample's k-th largest score; top_k sorted the k_max best, and k <= k_max.
+                index = ops.clip(k - 1, 0, k_max - 1)[:, None, None]  # [B, 1, 1]
+                threshold = ops.take_along_axis(top_values, index, axis=-1)  # [B, N, 1]
+            # Ties at the threshold keep more keys, never fewer.
+            kept = ops.greater_equal(col_scores, threshold)
+            if key_valid is not None:
+                kept = ops.logical_and(kept, key_valid[:, None, :])
+            return kept
 
     def _attention_weights(self, query, key, attention_mask):
-        """Dense and key-sparse weights plus the kept-key mask, all float32.
+        """Dense and key-sparse weights plus the kept-key mask, all float32 (materialised).
 
         Args:
             query: projected queries `[B, T, N, H]`.
@@ -121,75 +219,17 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
             attention_mask: bool `[B, T, S]` or None.
 
         Returns:
-            `(dense [B, N, T, S], sparse [B, N, T, S], kept [B, N, S] bool)`.
+            `(dense [B, N, T, S], sparse [B, N, T, S], kept [B, N, S] bool or None)`.
         """
-        # Scores and softmax in float32 whatever the layer's compute dtype (mixed precision).
-        query = ops.cast(query, "float32")
-        key = ops.cast(key, "float32")
-        query = ops.multiply(query, ops.cast(self._inverse_sqrt_key_dim, "float32"))
-        logits = ops.einsum(self._dot_product_equation, key, query)  # [B, N, T, S]
-
-        if attention_mask is None:
-            pair_mask = None
-            key_valid = None
-            query_valid = None
-        else:
-            pair_mask = ops.cast(attention_mask, "bool")  # [B, T, S]
-            key_valid = ops.any(pair_mask, axis=1)  # [B, S]
-            query_valid = ops.any(pair_mask, axis=2)  # [B, T]
-
-        if pair_mask is not None and not self.query_mask_in_scores:
-            # Authors' behaviour: every query row (padding included) distributes its weight over
-            # the real keys and votes with it.
-            softmax_mask = ops.expand_dims(ops.expand_dims(key_valid, 1), 1)  # [B, 1, 1, S]
-        elif pair_mask is not None:
-            softmax_mask = ops.expand_dims(pair_mask, 1)  # [B, 1, T, S]
-        else:
-            softmax_mask = None
-
-        if softmax_mask is not None:
-            logits = ops.where(softmax_mask, logits, _LARGE_NEGATIVE)
-        dense = ops.softmax(logits, axis=-1)
-        if softmax_mask is not None:
+        softmax_mask, key_valid, row_valid, voters = self._masks(attention_mask)
+        dense = self._masked_probs(query, key, softmax_mask)
+        if row_valid is not None:
             # A row with no valid key gets zeros, not a uniform distribution over padding.
-            dense = ops.where(softmax_mask, dense, 0.0)
-
+            dense = dense * ops.cast(row_valid, "float32")[:, None, :, None]
         if self.sparsity == 0.0:
             return dense, dense, None
-
-        # Column scores: the total weight the (real) queries give each key.
-        if query_valid is not None and self.query_mask_in_scores:
-            row_weights = ops.cast(query_valid, "float32")[:, None, :, None]  # [B, 1, T, 1]
-            col_scores = ops.sum(dense * row_weights, axis=2)  # [B, N, S]
-        else:
-            col_scores = ops.sum(dense, axis=2)
-
-        num_keys = ops.shape(col_scores)[-1]
-        if key_valid is not None:
-            # Padded keys can never be picked: they rank below every real key (scores >= 0).
-            col_scores = ops.where(key_valid[:, None, :], col_scores, -1.0)
-            n_valid = ops.sum(ops.cast(key_valid, "int32"), axis=-1)  # [B]
-        else:
-            n_valid = None
-
-        # k per sample, by integer arithmetic so float rounding cannot drop a key.
-        k_max = self._k_from_length(num_keys)
-        if self.k_from == "valid" and n_valid is not None:
-            k = self._k_from_length(n_valid)  # [B]
-        else:
-            k = None
-
-        top_values, _ = ops.top_k(col_scores, k_max, sorted=True)  # [B, N, k_max]
-        if k is None:
-            threshold = top_values[..., -1:]  # [B, N, 1]
-        else:
-            # Each sample's k-th largest score; top_k sorted the k_max best, and k <= k_max.
-            index = ops.clip(k - 1, 0, k_max - 1)[:, None, None]  # [B, 1, 1]
-            threshold = ops.take_along_axis(top_values, index, axis=-1)  # [B, N, 1]
-        # Ties at the threshold keep more keys, never fewer.
-        kept = ops.greater_equal(col_scores, threshold)
-        if key_valid is not None:
-            kept = ops.logical_and(kept, key_valid[:, None, :])
+        # Rows of non-voters are zero in `dense` already, so no voter weighting is needed.
+        kept = self._kept_keys(dense, key_valid, None)
         sparse = dense * ops.cast(kept, "float32")[:, :, None, :]
         if self.renormalize:
             total = ops.sum(sparse, axis=-1, keepdims=True)
@@ -216,14 +256,145 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
     ):
         if use_causal_mask:
             raise ValueError("use_causal_mask: not supported by key-sparse attention")
-        _, weights, _ = self._attention_weights(query, key, attention_mask)
-        weights_out = ops.cast(weights, value.dtype)
-        if self._dropout > 0.0:
+        if return_attention_scores:
+            _, weights, _ = self._attention_weights(query, key, attention_mask)
+            weights_out = ops.cast(weights, value.dtype)
             dropped = self._dropout_layer(weights_out, training=training)
-        else:
-            dropped = weights_out
-        attention_output = ops.einsum(self._combine_equation, dropped, value)
-        return attention_output, weights_out
+            return ops.einsum(self._combine_equation, dropped, value), weights_out
+
+        masks = self._masks(attention_mask)
+        keep = None
+        if training and self._dropout > 0.0:
+            # The dropout mask of the attention weights, drawn from the dropout layer's seed
+            # generator exactly as `keras.layers.Dropout` draws it (uniform >= rate).
+            shape = (ops.shape(query)[0], self._num_heads, ops.shape(query)[1], ops.shape(key)[1])
+            noise = keras.random.uniform(
+                shape, dtype=value.dtype, seed=self._dropout_layer.seed_generator
+            )
+            keep = ops.greater_equal(noise, ops.cast(self._dropout, value.dtype))
+        standard = (self._dot_product_equation, self._combine_equation) == _EQUATIONS
+        if self.renormalize or not standard or not self._fused_gradient:
+            return self._autodiff_attention(query, key, value, masks, keep), None
+        return self._fused_attention(query, key, value, masks, keep), None
+
+    def _kept_values(self, kept, dtype):
+        """`[B, N, S]` kept keys as a `[B, S, N, 1]` factor for the values."""
+        return ops.cast(ops.transpose(kept, (0, 2, 1)), dtype)[..., None]
+
+    def _dropped(self, weights, keep):
+        """Inverted dropout with a given keep mask (as `keras.layers.Dropout` computes it)."""
+        if keep is None:
+            return weights
+        scale = ops.cast(1.0 / (1.0 - self._dropout), weights.dtype)
+        return ops.where(keep, weights * scale, ops.zeros((), weights.dtype))
+
+    def _autodiff_attention(self, query, key, value, masks, keep):
+        """Attention output `[B, T, N, H]` with gradients by automatic differentiation."""
+        softmax_mask, key_valid, row_valid, voters = masks
+        probs = self._masked_probs(query, key, softmax_mask)
+        out_scale = None  # per (sample, query, head) factor applied to the output rows
+        if self.sparsity > 0.0:
+            kept = self._kept_keys(probs, key_valid, voters)  # [B, N, S]
+            value = value * self._kept_values(kept, value.dtype)
+            if self.renormalize:
+                kept_f = ops.cast(kept, "float32")[..., None]  # [B, N, S, 1]
+                total = ops.matmul(probs, kept_f)  # [B, N, T, 1]
+                total = ops.transpose(total[..., 0], (0, 2, 1))  # [B, T, N]
+                out_scale = 1.0 / ops.maximum(total, 1e-12)
+        if row_valid is not None:
+            rows = ops.cast(row_valid, "float32")[:, :, None]  # [B, T, 1]
+            out_scale = rows if out_scale is None else out_scale * rows
+        weights = self._dropped(ops.cast(probs, value.dtype), keep)
+        attention_output = ops.einsum(self._combine_equation, weights, value)  # [B, T, N, H]
+        if out_scale is not None:
+            attention_output = attention_output * ops.cast(out_scale, value.dtype)[..., None]
+        return attention_output
+
+    def _fused_attention(self, query, key, value, masks, keep):
+        """The same output as `_autodiff_attention`, with a hand-written gradient.
+
+        Automatic differentiation keeps three `[B, N, T, S]` tensors per layer until the
+        backward pass (softmax output, dropout mask, dropped weights) and runs about eight
+        element-wise passes over such tensors there. Here the softmax output (or nothing, with
+        `_recompute_probs`) and the boolean dropout mask are kept, and the backward pass makes
+        three passes: the dropout scale is applied to `[B, T, N, H]` tensors instead of the
+        weights (the attention product is linear), the softmax gradient's row term
+        `sum_s P dP` is computed as `g · output` per query and head, and masked keys need no
+        mask (their weight is exactly 0).
+        """
+        softmax_mask, key_valid, row_valid, voters = masks
+        dot_eq, combine_eq = _EQUATIONS
+        scale = ops.cast(self._inverse_sqrt_key_dim, "float32")
+        dtype = value.dtype
+        # Per-row output factor: 0 for query rows without any allowed key, times the
+        # inverted-dropout scale 1 / (1 - rate).
+        factor = None
+        if row_valid is not None:
+            factor = ops.cast(row_valid, dtype)[:, :, None, None]  # [B, T, 1, 1]
+        if keep is not None:
+            inv_keep = ops.cast(1.0 / (1.0 - self._dropout), dtype)
+            factor = inv_keep if factor is None else factor * inv_keep
+        zero = ops.zeros((), dtype)
+
+        def softmax_of(k32, q32):
+            logits = ops.einsum(dot_eq, k32, q32)  # [B, N, T, S]
+            if softmax_mask is not None:
+                logits = ops.where(softmax_mask, logits, _LARGE_NEGATIVE)
+            return ops.softmax(logits, axis=-1)
+
+        def kept_weights(probs):
+            weights = ops.cast(probs, dtype)
+            return weights if keep is None else ops.where(keep, weights, zero)
+
+        @ops.custom_gradient
+        def attend(query, key, value):
+            q32 = query if query.dtype == "float32" else ops.cast(query, "float32")
+            k32 = key if key.dtype == "float32" else ops.cast(key, "float32")
+            q32 = q32 * scale
+            probs = softmax_of(k32, q32)
+            kept_v = None
+            if self.sparsity > 0.0:
+                kept_v = self._kept_values(self._kept_keys(probs, key_valid, voters), dtype)
+            kept_value = value if kept_v is None else value * kept_v
+            out = ops.einsum(combine_eq, kept_weights(probs), kept_value)  # [B, T, N, H]
+            if factor is not None:
+                out = out * factor
+            saved_probs = None if self._recompute_probs else probs
+
+            def grad(d_out, variables=None):
+                with keras.name_scope("ks_attention_grad"):
+                    probs = saved_probs if saved_probs is not None else softmax_of(k32, q32)
+                    g = d_out if factor is None else d_out * factor
+                    d_value = ops.einsum("acbe,abcd->aecd", kept_weights(probs), g)
+                    if kept_v is not None:
+                        d_value = d_value * kept_v
+                    d_weights = ops.einsum("abcd,aecd->acbe", g, kept_value)  # [B, N, T, S]
+                    if keep is not None:
+                        d_weights = ops.where(keep, d_weights, zero)
+                    d_probs = ops.cast(d_weights, "float32")
+                    # Softmax: dL = P * (dP - sum_s P dP). In float32 the sum is computed as
+                    # d_out · out per query and head (out is linear in P), on tensors H/S
+                    # times smaller; in half precision `out` is too coarse for that.
+                    if dtype == "float32":
+                        row_dot = ops.sum(d_out * out, axis=-1)  # [B, T, N]
+                        row_dot = ops.transpose(row_dot, (0, 2, 1))[..., None]  # [B, N, T, 1]
+                    else:
+                        row_dot = ops.sum(d_probs * probs, axis=-1, keepdims=True)
+                    d_logits = probs * (d_probs - row_dot)
+                    d_query = ops.einsum("acbe,aecd->abcd", d_logits, k32) * scale
+                    d_key = ops.einsum("acbe,abcd->aecd", d_logits, q32)
+                    grads = (
+                        ops.cast(d_query, query.dtype),
+                        ops.cast(d_key, key.dtype),
+                        ops.cast(d_value, dtype),
+                    )
+                if variables is not None:
+                    return grads, [None] * len(variables)
+                return grads
+
+            return out, grad
+
+        return attend(query, key, value)
 
     # -----------------------------------------------------------------------------------------
     # Inspection (for plots such as paper Fig. 7).

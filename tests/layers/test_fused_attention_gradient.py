@@ -1,0 +1,122 @@
+"""The hand-written gradient of KeySparseAttention equals automatic differentiation."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ks_keras.layers import KeySparseAttention
+
+B, T, S, D, HEADS = 3, 7, 9, 16, 2
+
+
+def _inputs(seed):
+    rng = np.random.default_rng(seed)
+    query = tf.constant(rng.normal(size=(B, T, D)).astype("float32"))
+    value = tf.constant(rng.normal(size=(B, S, D)).astype("float32"))
+    qm = (np.arange(T)[None] < np.array([T, 4, 2])[:, None]).astype(bool)
+    km = (np.arange(S)[None] < np.array([S, 5, 7])[:, None]).astype(bool)
+    km[2] = False  # a sample without any real key
+    weights = tf.constant(rng.normal(size=(B, T, D)).astype("float32"))
+    return query, value, tf.constant(qm[:, :, None] & km[:, None, :]), weights
+
+
+def _fused_and_autodiff(**kwargs):
+    """Two layers with the same weights and dropout seed: fused and autodiff gradients."""
+    layers = []
+    for fused in (True, False):
+        layer = KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS, seed=7, **kwargs)
+        layer.build((None, T, D), (None, S, D))
+        layer._fused_gradient = fused
+        layers.append(layer)
+    layers[1].set_weights(layers[0].get_weights())
+    return layers
+
+
+def _run(layer, query, value, mask, loss_weights, training, jit=False):
+    @tf.function(jit_compile=jit)
+    def run(query, value, mask):
+        with tf.GradientTape() as tape:
+            tape.watch([query, value])
+            out = layer(query, value, attention_mask=mask, training=training)
+            # Every output position gets its own weight in the loss.
+            loss = tf.reduce_sum(tf.cast(out, "float32") * loss_weights)
+        return out, tape.gradient(loss, [query, value, *layer.trainable_weights])
+
+    out, grads = run(query, value, mask)
+    return np.asarray(out, "float32"), [np.asarray(g, "float32") for g in grads]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+@pytest.mark.parametrize("qmask_in_scores", [True, False])
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_gradient_matches_autodiff(sparsity, qmask_in_scores, training):
+    query, value, mask, loss_weights = _inputs(0)
+    fused, auto = _fused_and_autodiff(
+        sparsity=sparsity, query_mask_in_scores=qmask_in_scores, dropout=0.3
+    )
+    out_f, grads_f = _run(fused, query, value, mask, loss_weights, training)
+    out_a, grads_a = _run(auto, query, value, mask, loss_weights, training)
+    np.testing.assert_allclose(out_f, out_a, atol=1e-6)
+    for g_f, g_a in zip(grads_f, grads_a):
+        np.testing.assert_allclose(g_f, g_a, rtol=1e-4, atol=1e-5)
+    if training:  # the dropout mask was really applied (and was the same in both)
+        no_drop, _ = _run(fused, query, value, mask, loss_weights, False)
+        assert not np.allclose(out_f, no_drop)
+
+
+def test_fused_gradient_under_xla():
+    query, value, mask, loss_weights = _inputs(1)
+    fused, auto = _fused_and_autodiff(sparsity=0.5, dropout=0.0)
+    out_x, grads_x = _run(fused, query, value, mask, loss_weights, True, jit=True)
+    out_a, grads_a = _run(auto, query, value, mask, loss_weights, True)
+    np.testing.assert_allclose(out_x, out_a, atol=1e-5)
+    for g_x, g_a in zip(grads_x, grads_a):
+        np.testing.assert_allclose(g_x, g_a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_fused_gradient_under_mixed_precision(policy):
+    keras.config.set_dtype_policy(policy)
+    query, value, mask, loss_weights = _inputs(2)
+    fused, auto = _fused_and_autodiff(sparsity=0.5, dropout=0.2)
+    out_f, grads_f = _run(fused, query, value, mask, loss_weights, True)
+    out_a, grads_a = _run(auto, query, value, mask, loss_weights, True)
+    tol = 2e-2 if policy == "mixed_bfloat16" else 2e-3
+    np.testing.assert_allclose(out_f, out_a, atol=tol)
+    for g_f, g_a in zip(grads_f, grads_a):
+        assert np.isfinite(g_f).all()
+        np.testing.assert_allclose(g_f, g_a, rtol=tol, atol=tol * (1 + np.abs(g_a).max()))
+
+
+def test_sparsity_zero_with_dropout_equals_stock_attention_and_its_gradient():
+    # Vanilla Transformer layers with attention dropout use KeySparseAttention(sparsity=0):
+    # same output, same dropout mask (same seed) and same gradients as stock MHA.
+    query, value, mask, loss_weights = _inputs(3)
+    mask = tf.constant(mask.numpy()[:2])  # stock MHA spreads a key-less row uniformly
+    query, value, loss_weights = query[:2], value[:2], loss_weights[:2]
+    ours = KeySparseAttention(
+        num_heads=HEADS, key_dim=D // HEADS, sparsity=0.0, dropout=0.25, seed=11
+    )
+    stock = keras.layers.MultiHeadAttention(
+        num_heads=HEADS, key_dim=D // HEADS, dropout=0.25, seed=11
+    )
+    for layer in (ours, stock):
+        layer.build((None, T, D), (None, S, D))
+    stock.set_weights(ours.get_weights())
+    out_o, grads_o = _run(ours, query, value, mask, loss_weights, True)
+    out_s, grads_s = _run(stock, query, value, mask, loss_weights, True)
+    np.testing.assert_allclose(out_o, out_s, atol=1e-5)
+    for g_o, g_s in zip(grads_o, grads_s):
+        np.testing.assert_allclose(g_o, g_s, rtol=1e-4, atol=1e-5)
+
+
+def test_vanilla_layer_with_dropout_uses_the_lean_attention():
+    from ks_keras.layers import TransformerLayer
+
+    layer = TransformerLayer(num_heads=HEADS, ffn_dim=8, dropout=0.1)
+    layer.build((None, T, D))
+    assert isinstance(layer.attention, KeySparseAttention) and layer.attention.sparsity == 0.0
+    plain = TransformerLayer(num_heads=HEADS, ffn_dim=8, dropout=0.0)
+    plain.build((None, T, D))
+    assert type(plain.attention) is keras.layers.MultiHeadAttention
