@@ -136,13 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(target="ks_keras.demo:run_demo")
 
-    p = sub.add_parser("train", help="train one model; best epoch on held-out validation speakers")
-    _add_config_args(p)
-    p.add_argument("--run-dir", help="run folder (default <train.output_dir>/train); "
-                   "re-run with the same folder to resume a killed run")
-    p.add_argument("--no-progress", action="store_true", help="no feature-extraction progress bar")
-    p.set_defaults(target="ks_keras.train_cli:run_train")
-
     p = sub.add_parser("tune", help="KerasTuner search on one fold's validation speakers, then "
                        "retrain the best config, test it and export it")
     _add_config_args(p)
@@ -167,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the export's fresh-process parity check")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(target="ks_keras.tuning:run_tune")
+
+    from ks_keras.bench import add_bench_args  # no TensorFlow import
+
+    p = sub.add_parser("bench", help="speed/memory benchmark vs the authors' PyTorch figures")
+    _add_config_args(p)
+    add_bench_args(p, config_args=False)
+    p.set_defaults(target="ks_keras.bench:run_bench")
+
+    p = sub.add_parser("train", help="train one model; best epoch on held-out validation speakers")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run folder (default <train.output_dir>/train); "
+                   "re-run with the same folder to resume a killed run")
+    p.add_argument("--no-progress", action="store_true", help="no feature-extraction progress bar")
+    p.set_defaults(target="ks_keras.train_cli:run_train")
 
     return parser
 

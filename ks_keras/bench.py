@@ -1,0 +1,1212 @@
+"""`ks-keras bench`: speed and memory of the KS-T + CCAB model, next to the authors' figures.
+
+Every figure is measured in a **fresh child process** (one measure per process, so no
+measure inherits another's allocator state, compiled functions or peak memory), after a
+warm-up that is excluded from the timings, as the median over several repetitions. The
+parent process never imports TensorFlow.
+
+Measures (issue 8):
+
+- `train`: one optimizer step (`model.train_on_batch`, the same compiled function
+  `model.fit` runs) at global batch 16 and 32 → samples/s; peak resident memory (VmHWM)
+  of the training process at batch 32.
+- `infer`: `model.predict_on_batch` at batch 32 → samples/s; `latency` at batch 1.
+- `attention`: one key-sparse attention layer vs stock `keras.layers.MultiHeadAttention` of
+  the same shape (the paper's audio self-attention: 460 × 512, 8 heads), forward and
+  forward + backward.
+- `xla`: training (and inference) with `jit_compile` on vs off.
+- `precision`: float32 vs mixed precision (`mixed_bfloat16` on CPU, `mixed_float16` on GPU).
+- `pipeline`: the `tf.data` input pipeline alone (samples/s) vs the model's training step.
+
+Inputs are synthetic with realistic padding: each sample's real length is drawn uniformly
+between 30 % and 100 % of the maximum (audio 460 frames, text 20 tokens).
+
+Example:
+
+```
+ks-keras bench                        # paper size, ~20 min on 2 CPU cores
+ks-keras bench --quick                # tiny model, seconds (used by the tests)
+ks-keras bench --only train,attention --output reports/bench.json
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ks_keras.config import Config, load_config
+
+# The authors' PyTorch implementation (torch 2.13 CPU, 2 threads, fresh process per measure,
+# warm-up until page faults settle) on a 2-core machine of the kind we use (issue 8).
+REFERENCE = {
+    "source": "authors' PyTorch implementation, torch 2.13 CPU, 2 threads, 2-core machine",
+    "trainable_params": 85_324_676,
+    "train_step_s": {"16": 11.1, "32": 22.9},
+    "train_samples_per_s": {"16": 1.44, "32": 1.40},
+    "infer_samples_per_s": {"32": 4.9},
+    "infer_step_s": {"32": 6.6},
+    "latency_ms": 176.0,
+    "train_peak_rss_gib": 15.4,
+}
+# Targets on the same kind of machine (ours relative to the reference).
+TARGETS = {
+    "train_throughput_ratio_min": 1.5,
+    "latency_ratio_max": 0.7,
+    "peak_rss_ratio_max": 0.6,
+    "key_sparse_vs_dense_max": 1.15,
+}
+
+MEASURES = ("train", "infer", "latency", "attention", "xla", "precision", "pipeline")
+# Not run by default (adds a traced run): `--only profile` or `--profile`.
+OPTIONAL_MEASURES = ("profile",)
+RESULT_PREFIX = "KS_BENCH_RESULT "
+MIN_LENGTH_FRACTION = 0.3
+
+# A tiny model for `--quick` (the tests): same code paths, seconds instead of minutes.
+QUICK_OVERRIDES = [
+    "model.audio_dim=16",
+    "model.text_dim=24",
+    "model.num_heads=2",
+    "model.audio_ffn_dim=16",
+    "model.text_ffn_dim=16",
+    "model.n_fem=1",
+    "model.n_ccab=1",
+    "model.n_dfm=1",
+    "model.head_units=[16]",
+    "data.audio_max_len=24",
+    "data.text_max_len=6",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+def _plan(quick: bool) -> dict[str, Any]:
+    """Batch sizes, repetitions and sizes of the run."""
+    if quick:
+        return dict(
+            train_batches=[4, 8],
+            infer_batch=8,
+            warmup=1,
+            max_warmup=2,
+            repeats=2,
+            latency_repeats=3,
+            attention_batch=4,
+            pipeline_utterances=24,
+            pipeline_epochs=2,
+            timeout_s=300,
+        )
+    return dict(
+        train_batches=[16, 32],
+        infer_batch=32,
+        warmup=2,
+        max_warmup=5,
+        repeats=5,
+        latency_repeats=20,
+        attention_batch=32,
+        pipeline_utterances=512,
+        pipeline_epochs=3,
+        timeout_s=1800,
+    )
+
+
+def _free_memory_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (None where it does not exist)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return None
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side: one measure per process. TensorFlow is imported only here.
+
+
+def _peak_rss_gib() -> float:
+    """Peak resident set size of this process (VmHWM), GiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def synthetic_batch(spec: dict[str, Any], batch: int, seed: int) -> tuple[dict, Any]:
+    """Random features with realistic padding, int32 masks and labels (numpy).
+
+    Each sample's real length is uniform in [30 %, 100 %] of the maximum; padded steps are 0.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    m = spec["model"]
+    lengths = {"audio": spec["audio_len"], "text": spec["text_len"]}
+    inputs = {}
+    for modality in m["modalities"]:
+        t_max, dim = lengths[modality], m[f"{modality}_dim"]
+        n = rng.integers(max(1, math.ceil(MIN_LENGTH_FRACTION * t_max)), t_max + 1, size=batch)
+        mask = (np.arange(t_max)[None, :] < n[:, None]).astype("int32")
+        x = rng.standard_normal((batch, t_max, dim), dtype=np.float32) * mask[:, :, None]
+        inputs[modality] = x.astype("float32")
+        inputs[f"{modality}_mask"] = mask
+    labels = rng.integers(0, m["num_classes"], size=batch).astype("int32")
+    return inputs, labels
+
+
+def _setup_child(spec: dict[str, Any]):
+    """Import TF/Keras, set threads and the dtype policy; return (tf, keras)."""
+    import tensorflow as tf
+
+    threads = spec.get("threads")
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    import keras
+
+    keras.utils.set_random_seed(spec.get("seed", 0))
+    keras.config.set_dtype_policy(spec.get("precision", "float32"))
+    return tf, keras
+
+
+def _timed(fn, warmup: int, max_warmup: int, repeats: int) -> dict[str, Any]:
+    """Run `fn` `warmup`+ times untimed (until page faults settle), then `repeats` times timed.
+
+    Warm-up goes on past `warmup` calls (up to `max_warmup`) while the minor page faults of a
+    call still drop by more than 10 % from the call before, i.e. while the allocator is still
+    growing its pools.
+    """
+    warm_times, warm_faults = [], []
+    for i in range(max(1, max_warmup)):
+        f0, t0 = _minor_faults(), time.perf_counter()
+        fn()
+        warm_times.append(time.perf_counter() - t0)
+        warm_faults.append(_minor_faults() - f0)
+        if i + 1 >= warmup and (i == 0 or warm_faults[-1] >= 0.9 * warm_faults[-2]):
+            break
+    times, faults, cpu = [], [], []
+    for _ in range(repeats):
+        f0, c0, t0 = _minor_faults(), _cpu_seconds(), time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        cpu.append(_cpu_seconds() - c0)
+        faults.append(_minor_faults() - f0)
+    return {
+        "median_s": statistics.median(times),
+        "times_s": [round(t, 5) for t in times],
+        # CPU time (all threads) per call: robust to other processes sharing the cores.
+        "cpu_median_s": statistics.median(cpu),
+        "cpu_s": [round(t, 4) for t in cpu],
+        "warmup_s": [round(t, 4) for t in warm_times],
+        "warmup_minor_faults": warm_faults,
+        "minor_faults": faults,
+    }
+
+
+def _build_compiled_model(spec: dict[str, Any], keras):
+    from ks_keras.config import ModelConfig, from_dict
+    from ks_keras.model import build_model, count_trainable_params
+
+    model = build_model(from_dict(ModelConfig, spec["model"], "model"))
+    model.compile(
+        optimizer=keras.optimizers.Adam(spec.get("lr", 5e-4)),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=bool(spec["jit"]),
+    )
+    return model, count_trainable_params(model)
+
+
+def _measure_model(spec: dict[str, Any]) -> dict[str, Any]:
+    """`train`, `infer` or `latency`: one compiled model, one batch size."""
+    _, keras = _setup_child(spec)
+    model, n_params = _build_compiled_model(spec, keras)
+    batch = spec["batch"]
+    batches = [synthetic_batch(spec, batch, seed) for seed in range(3)]
+    counter = [0]
+
+    def next_batch():
+        counter[0] += 1
+        return batches[counter[0] % len(batches)]
+
+    if spec["kind"] == "train":
+
+        def step():
+            x, y = next_batch()
+            loss = model.train_on_batch(x, y)
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(f"non-finite training loss {loss}")
+
+    else:
+
+        def step():
+            x, _ = next_batch()
+            model.predict_on_batch(x)
+
+    timing = _timed(step, spec["warmup"], spec["max_warmup"], spec["repeats"])
+    return {
+        **timing,
+        "samples_per_s": batch / timing["median_s"],
+        "trainable_params": n_params,
+        "peak_rss_gib": round(_peak_rss_gib(), 3),
+    }
+
+
+def _measure_attention(spec: dict[str, Any]) -> dict[str, Any]:
+    """One attention layer (key-sparse or stock MHA), forward or forward + backward."""
+    tf, keras = _setup_child(spec)
+    from ks_keras.layers import KeySparseAttention
+    from ks_keras.layers.masks import pair_mask
+
+    a = spec["attention"]
+    heads, dim, length = a["heads"], a["dim"], a["length"]
+    common = dict(num_heads=heads, key_dim=dim // heads, dropout=a["dropout"])
+    if spec["layer"] == "key_sparse":
+        layer = KeySparseAttention(sparsity=a["sparsity"], **common)
+    else:
+        layer = keras.layers.MultiHeadAttention(**common)
+    layer.build((None, length, dim), (None, length, dim))
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    batch = spec["batch"]
+    n = rng.integers(max(1, math.ceil(MIN_LENGTH_FRACTION * length)), length + 1, size=batch)
+    padding = tf.constant((np.arange(length)[None, :] < n[:, None]).astype("int32"))
+    x = tf.constant(rng.standard_normal((batch, length, dim), dtype=np.float32))
+    backward = spec["mode"] == "fwd_bwd"
+
+    @tf.function(jit_compile=bool(spec["jit"]))
+    def run(x, padding):
+        mask = pair_mask(padding, padding, length, length)
+        if not backward:
+            return [layer(x, x, attention_mask=mask, training=False)]
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x, x, attention_mask=mask, training=True)
+            loss = tf.reduce_sum(tf.cast(out, "float32") ** 2)
+        return tape.gradient(loss, [x, *layer.trainable_variables])
+
+    def step():
+        outs = run(x, padding)
+        outs[0].numpy()
+
+    timing = _timed(step, spec["warmup"], spec["max_warmup"], spec["repeats"])
+    return {**timing, "peak_rss_gib": round(_peak_rss_gib(), 3)}
+
+
+def _synthetic_cache(spec: dict[str, Any], folder: Path, n: int):
+    """A feature cache of `n` synthetic utterances, written with the cache module's writer."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ks_keras.features import cache as cache_mod
+
+    rng = np.random.default_rng(0)
+    m = spec["model"]
+    lengths = {"audio": spec["audio_len"], "text": spec["text_len"]}
+    modalities = tuple(m["modalities"])
+    extractors = {
+        mod: SimpleNamespace(
+            metadata={"synthetic": True}, name="synthetic", dim=m[f"{mod}_dim"], frame_rate=None
+        )
+        for mod in modalities
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / cache_mod.METADATA_FILE).write_text(
+        json.dumps({**cache_mod.cache_metadata(extractors), "complete": True})
+    )
+    shard_size = 64
+    for start in range(0, n, shard_size):
+        utts = [
+            SimpleNamespace(id=f"syn{i:05d}", path=str(folder / f"syn{i:05d}.wav"), text="x")
+            for i in range(start, min(n, start + shard_size))
+        ]
+        features = {}
+        for mod in modalities:
+            t_max = lengths[mod]
+            # Stored unpadded and, like real features, sometimes longer than the crop length.
+            sizes = rng.integers(
+                math.ceil(MIN_LENGTH_FRACTION * t_max), int(1.2 * t_max) + 1, len(utts)
+            )
+            features[mod] = [
+                rng.standard_normal((int(s), m[f"{mod}_dim"]), dtype=np.float32) for s in sizes
+            ]
+        cache_mod._write_shard(folder, start // shard_size, utts, features, modalities)
+    return cache_mod.FeatureCache.open(folder)
+
+
+def _in_memory_dataset(spec: dict[str, Any], n: int, batch: int, tf):
+    """Fallback pipeline: ragged in-memory arrays → pad to the fixed lengths → batches."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    m = spec["model"]
+    lengths = {"audio": spec["audio_len"], "text": spec["text_len"]}
+    columns = {}
+    for mod in m["modalities"]:
+        t_max, dim = lengths[mod], m[f"{mod}_dim"]
+        sizes = rng.integers(math.ceil(MIN_LENGTH_FRACTION * t_max), t_max + 1, n)
+        columns[mod] = tf.RaggedTensor.from_row_lengths(
+            rng.standard_normal((int(sizes.sum()), dim), dtype=np.float32), sizes
+        )
+    labels = rng.integers(0, m["num_classes"], n).astype("int32")
+
+    def to_element(features, label):
+        inputs = {}
+        for mod, x in features.items():
+            size = tf.shape(x)[0]
+            inputs[mod] = x
+            inputs[f"{mod}_mask"] = tf.ones([size], tf.int32)
+        return inputs, label
+
+    shapes = {}
+    for mod in m["modalities"]:
+        shapes[mod] = [lengths[mod], m[f"{mod}_dim"]]
+        shapes[f"{mod}_mask"] = [lengths[mod]]
+    ds = tf.data.Dataset.from_tensor_slices((columns, labels)).map(to_element).cache()
+    ds = ds.shuffle(n, seed=0, reshuffle_each_iteration=True)
+    ds = ds.padded_batch(batch, padded_shapes=(shapes, []), drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+    """Throughput of the input pipeline alone, first pass and cached epochs."""
+    tf, _ = _setup_child(spec)
+    n, batch = spec["utterances"], spec["batch"]
+    source, fallback_reason = None, None
+    with tempfile.TemporaryDirectory(prefix="ks_bench_cache_") as tmp:
+        try:
+            from ks_keras.config import DataConfig
+            from ks_keras.data import make_dataset
+
+            cache = _synthetic_cache(spec, Path(tmp) / "cache", n)
+            data_cfg = DataConfig(audio_max_len=spec["audio_len"], text_max_len=spec["text_len"])
+            rng = __import__("numpy").random.default_rng(1)
+            labels = rng.integers(0, spec["model"]["num_classes"], n)
+            ds = make_dataset(
+                cache,
+                cache.ids,
+                labels,
+                data_cfg,
+                batch_size=batch,
+                shuffle=True,
+                seed=0,
+                modalities=tuple(spec["model"]["modalities"]),
+                drop_remainder=True,
+            )
+            source = "ks_keras.data.make_dataset (synthetic TFRecord feature cache)"
+        except Exception as e:  # data.py is optional here: fall back, and say why
+            fallback_reason = f"{type(e).__name__}: {e}"
+            ds = _in_memory_dataset(spec, n, batch, tf)
+            source = "in-memory tf.data (from_tensor_slices + padded_batch)"
+
+        epoch_times = []
+        samples = 0
+        for _ in range(spec["epochs"] + 1):
+            t0 = time.perf_counter()
+            samples = 0
+            for inputs, _labels in ds:
+                samples += int(inputs[spec["model"]["modalities"][0]].shape[0])
+            epoch_times.append(time.perf_counter() - t0)
+    steady = statistics.median(epoch_times[1:])
+    return {
+        "source": source,
+        "fallback_reason": fallback_reason,
+        "utterances": n,
+        "samples_per_epoch": samples,
+        "first_epoch_s": round(epoch_times[0], 4),
+        "epoch_times_s": [round(t, 4) for t in epoch_times[1:]],
+        "median_s": steady,
+        "samples_per_s": samples / steady if steady > 0 else float("inf"),
+        "first_epoch_samples_per_s": samples / epoch_times[0] if epoch_times[0] > 0 else None,
+        "peak_rss_gib": round(_peak_rss_gib(), 3),
+    }
+
+
+# Where time goes: op categories of a traced training step, from the ops' name scopes
+# (segments with Keras' `_1` suffixes removed) — first match wins.
+PROFILE_CATEGORIES = (
+    ("optimizer", lambda seg: bool(seg) and seg[0] in ("adam", "sgd", "adamw")),
+    ("key selection (column scores, top-k)", lambda seg: "key_selection" in seg),
+    ("attention core (scores, softmax, weights x values)", lambda seg: "ks_attention_grad" in seg),
+    ("LayerNorm", lambda seg: "layer_norm_grad" in seg),
+    (
+        "attention projections (Q, K, V, O)",
+        lambda seg: (
+            "attention" in seg
+            and any(x in seg for x in ("query", "key", "value", "attention_output"))
+        ),
+    ),
+    ("attention-weight dropout", lambda seg: "attention" in seg and "dropout" in seg),
+    ("attention core (scores, softmax, weights x values)", lambda seg: "attention" in seg),
+    ("FFN", lambda seg: "ffn_inner" in seg or "ffn_outer" in seg),
+    ("LayerNorm", lambda seg: any(x.endswith("_norm") for x in seg)),
+    ("residual dropout", lambda seg: "attention_dropout" in seg or "ffn_dropout" in seg),
+    (
+        "pooling, head, loss",
+        lambda seg: any(
+            x.endswith("_pool")
+            or x.startswith("head_")
+            or x in ("logits", "fusion")
+            or "crossentropy" in x
+            or x == "loss"
+            for x in seg
+        ),
+    ),
+)
+
+
+def _categorize(op_name: str) -> str:
+    """Category of a traced op from its scoped name (see `PROFILE_CATEGORIES`)."""
+    import re
+
+    segments = [re.sub(r"(_\d+)+$", "", x) for x in op_name.lower().split("/")]
+    if segments and segments[0] == "gradient_tape":
+        segments = segments[1:]
+    for category, matches in PROFILE_CATEGORIES:
+        if matches(segments):
+            return category
+    return "other"
+
+
+def _measure_profile(spec: dict[str, Any]) -> dict[str, Any]:
+    """Trace training steps with `tf.profiler` and sum op time per category (no XLA)."""
+    import re
+
+    tf, keras = _setup_child(spec)
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    spec = {**spec, "jit": False}  # XLA fuses ops into clusters that have no layer names
+    model, _ = _build_compiled_model(spec, keras)
+    x, y = synthetic_batch(spec, spec["batch"], 0)
+    for _ in range(spec["warmup"]):
+        model.train_on_batch(x, y)
+    with tempfile.TemporaryDirectory(prefix="ks_bench_profile_") as logdir:
+        tf.profiler.experimental.start(logdir)
+        t0 = time.perf_counter()
+        for _ in range(spec["repeats"]):
+            model.train_on_batch(x, y)
+        wall = (time.perf_counter() - t0) / spec["repeats"]
+        tf.profiler.experimental.stop()
+        planes = sorted(Path(logdir).rglob("*.xplane.pb"))
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(planes[-1].read_bytes())
+    by_category: dict[str, float] = {}
+    by_type: dict[str, float] = {}
+    by_op: dict[str, float] = {}
+    backward: dict[str, float] = {"forward": 0.0, "backward": 0.0}
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                meta = plane.event_metadata[event.metadata_id]
+                if ":" not in meta.name or "::" in meta.name:  # executor bookkeeping
+                    continue
+                seconds = event.duration_ps * 1e-12 / spec["repeats"]
+                op_name, op_type = meta.name.rsplit(":", 1)
+                category = _categorize(op_name)
+                by_category[category] = by_category.get(category, 0.0) + seconds
+                by_type[op_type] = by_type.get(op_type, 0.0) + seconds
+                # Layer indices removed, so the same op of every layer adds up.
+                generic = re.sub(r"(_\d+)+(?=/|$)", "", op_name)
+                by_op[f"{generic}:{op_type}"] = by_op.get(f"{generic}:{op_type}", 0.0) + seconds
+                direction = "backward" if "gradient" in op_name.lower() else "forward"
+                backward[direction] += seconds
+    total = sum(by_category.values()) or 1.0
+    top_types = sorted(by_type.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "median_s": wall,
+        "op_seconds_per_step": round(total, 4),
+        "categories": {
+            k: {"s": round(v, 4), "share": round(v / total, 4)}
+            for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])
+        },
+        "op_types": {k: {"s": round(v, 4), "share": round(v / total, 4)} for k, v in top_types},
+        "top_ops": {k: round(v, 4) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:40]},
+        "forward_backward_s": {k: round(v, 4) for k, v in backward.items()},
+        "peak_rss_gib": round(_peak_rss_gib(), 3),
+    }
+
+
+def child_main(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one measure described by `spec` (in this process) and return its result."""
+    kind = spec["kind"]
+    if kind in ("train", "infer", "latency"):
+        result = _measure_model(spec)
+    elif kind == "attention":
+        result = _measure_attention(spec)
+    elif kind == "pipeline":
+        result = _measure_pipeline(spec)
+    elif kind == "profile":
+        result = _measure_profile(spec)
+    else:
+        raise ValueError(f"unknown measure kind {kind!r}")
+    import tensorflow as tf
+
+    result["devices"] = [d.device_type for d in tf.config.list_physical_devices()]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side: plan the measures, run each in a fresh process, assemble the report.
+
+
+def run_child(spec: dict[str, Any], timeout_s: float, env: dict[str, str] | None = None):
+    """Run `child_main(spec)` in a fresh Python process; return its result or an error dict."""
+    child_env = dict(os.environ)
+    child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    child_env.update(env or {})
+    cmd = [sys.executable, "-m", "ks_keras.bench", "--child", json.dumps(spec)]
+    started = time.perf_counter()
+    free_before, load_before = _free_memory_gib(), _load_average()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, env=child_env, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    info = {
+        "wall_s": round(time.perf_counter() - started, 2),
+        "free_gib_before": free_before,
+        "load_before": load_before,
+    }
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return {**json.loads(line[len(RESULT_PREFIX) :]), **info}
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    return {"error": f"exit code {proc.returncode}: " + "\n".join(tail), **info}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _gpu_present() -> bool:
+    """Whether an NVIDIA GPU is visible, without importing TensorFlow in this process."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+def resolve_settings(jit: str, precision: str, gpu: bool) -> tuple[bool, str, str]:
+    """Headline settings: `(jit_compile, policy, other_policy)`.
+
+    `auto`: mixed_float16 + XLA on a GPU; float32 without XLA on CPU (the faster setting on
+    CPU in our measurements, see docs/performance.md).
+    """
+    mixed = "mixed_float16" if gpu else "mixed_bfloat16"
+    use_jit = {"on": True, "off": False}.get(jit, gpu)
+    if precision == "auto":
+        policy = mixed if gpu else "float32"
+    elif precision == "mixed":
+        policy = mixed
+    elif precision == "float32":
+        policy = "float32"
+    else:
+        raise ValueError(f"--precision: expected auto, float32 or mixed, got {precision!r}")
+    other = "float32" if policy != "float32" else mixed
+    return use_jit, policy, other
+
+
+def plan_measures(
+    cfg: Config, quick: bool, only: tuple[str, ...], use_jit: bool, policy: str, other: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """`(name, spec)` for every child process of the run, in running order."""
+    p = _plan(quick)
+    base = {
+        "model": json.loads(json.dumps(cfg.to_dict()["model"])),
+        "audio_len": cfg.data.audio_max_len,
+        "text_len": cfg.data.text_max_len,
+        "lr": cfg.train.lr,
+        "seed": cfg.train.seed,
+        "warmup": p["warmup"],
+        "max_warmup": p["max_warmup"],
+        "repeats": p["repeats"],
+    }
+    big = max(p["train_batches"])
+    plan: list[tuple[str, dict[str, Any]]] = []
+
+    def add(name, **spec):
+        plan.append((name, {**base, **spec}))
+
+    if "train" in only:
+        for b in sorted(p["train_batches"], reverse=True):
+            add(f"train_b{b}", kind="train", batch=b, jit=use_jit, precision=policy)
+    if "infer" in only:
+        add(
+            f"infer_b{p['infer_batch']}",
+            kind="infer",
+            batch=p["infer_batch"],
+            jit=use_jit,
+            precision=policy,
+        )
+    if "latency" in only:
+        add(
+            "latency_b1",
+            kind="latency",
+            batch=1,
+            jit=use_jit,
+            precision=policy,
+            repeats=p["latency_repeats"],
+        )
+    if "xla" in only:
+        add(
+            f"train_b{big}_xla_{'off' if use_jit else 'on'}",
+            kind="train",
+            batch=big,
+            jit=not use_jit,
+            precision=policy,
+        )
+        add(
+            f"infer_b{p['infer_batch']}_xla_{'off' if use_jit else 'on'}",
+            kind="infer",
+            batch=p["infer_batch"],
+            jit=not use_jit,
+            precision=policy,
+        )
+    if "precision" in only:
+        add(f"train_b{big}_{other}", kind="train", batch=big, jit=use_jit, precision=other)
+    if "attention" in only:
+        m = cfg.model
+        dim = (
+            m.audio_d_model or m.audio_dim
+            if "audio" in m.modalities
+            else (m.text_d_model or m.text_dim)
+        )
+        length = cfg.data.audio_max_len if "audio" in m.modalities else cfg.data.text_max_len
+        attention = dict(
+            heads=m.num_heads, dim=dim, length=length, dropout=m.dropout, sparsity=m.sparsity or 0.5
+        )
+        for layer in ("key_sparse", "dense"):
+            for mode in ("fwd", "fwd_bwd"):
+                add(
+                    f"attention_{layer}_{mode}",
+                    kind="attention",
+                    layer=layer,
+                    mode=mode,
+                    batch=p["attention_batch"],
+                    jit=use_jit,
+                    precision=policy,
+                    attention=attention,
+                )
+    if "profile" in only:
+        add(
+            f"profile_b{big}",
+            kind="profile",
+            batch=big,
+            jit=False,
+            precision=policy,
+            repeats=min(2, p["repeats"]),
+        )
+    if "pipeline" in only:
+        add(
+            "pipeline",
+            kind="pipeline",
+            batch=big,
+            utterances=p["pipeline_utterances"],
+            epochs=p["pipeline_epochs"],
+        )
+    return plan
+
+
+def summarize(
+    results: dict[str, dict], use_jit: bool, policy: str, other: str, quick: bool
+) -> dict[str, Any]:
+    """Headline figures, comparisons, reference ratios and targets from raw results."""
+    p = _plan(quick)
+    big, small = max(p["train_batches"]), min(p["train_batches"])
+
+    def get(name, key="samples_per_s"):
+        r = results.get(name)
+        return None if r is None or "error" in r else r.get(key)
+
+    summary: dict[str, Any] = {"train": {}, "comparisons": {}, "vs_reference": {}}
+    for b in p["train_batches"]:
+        if get(f"train_b{b}") is not None:
+            summary["train"][str(b)] = {
+                "samples_per_s": get(f"train_b{b}"),
+                "step_s": get(f"train_b{b}", "median_s"),
+                "peak_rss_gib": get(f"train_b{b}", "peak_rss_gib"),
+            }
+    params = next(
+        (r["trainable_params"] for r in results.values() if "trainable_params" in r), None
+    )
+    summary["trainable_params"] = params
+    summary["infer_samples_per_s"] = get(f"infer_b{p['infer_batch']}")
+    latency = get("latency_b1", "median_s")
+    summary["latency_ms"] = None if latency is None else 1000 * latency
+    summary["train_peak_rss_gib"] = get(f"train_b{big}", "peak_rss_gib")
+
+    c = summary["comparisons"]
+    flip = "off" if use_jit else "on"
+    on_off = (lambda a, b: (a, b)) if use_jit else (lambda a, b: (b, a))
+    t_on, t_off = on_off(
+        get(f"train_b{big}", "median_s"), get(f"train_b{big}_xla_{flip}", "median_s")
+    )
+    i_on, i_off = on_off(
+        get(f"infer_b{p['infer_batch']}", "median_s"),
+        get(f"infer_b{p['infer_batch']}_xla_{flip}", "median_s"),
+    )
+    c["xla"] = {
+        "batch": big,
+        "train_step_s_jit_on": t_on,
+        "train_step_s_jit_off": t_off,
+        "train_speedup_jit_on": _ratio(t_off, t_on),
+        "infer_step_s_jit_on": i_on,
+        "infer_step_s_jit_off": i_off,
+        "infer_speedup_jit_on": _ratio(i_off, i_on),
+        "train_peak_rss_gib_jit_on": get(
+            f"train_b{big}" if use_jit else f"train_b{big}_xla_on", "peak_rss_gib"
+        ),
+        "train_peak_rss_gib_jit_off": get(
+            f"train_b{big}_xla_off" if use_jit else f"train_b{big}", "peak_rss_gib"
+        ),
+    }
+    mixed = other if policy == "float32" else policy
+    t_main, t_other = get(f"train_b{big}", "median_s"), get(f"train_b{big}_{other}", "median_s")
+    t_f32, t_mixed = (t_main, t_other) if policy == "float32" else (t_other, t_main)
+    c["precision"] = {
+        "batch": big,
+        "mixed_policy": mixed,
+        "train_step_s_float32": t_f32,
+        "train_step_s_mixed": t_mixed,
+        "mixed_speedup": _ratio(t_f32, t_mixed),
+    }
+    att = {
+        k: get(f"attention_{k}", "median_s")
+        for k in ("key_sparse_fwd", "key_sparse_fwd_bwd", "dense_fwd", "dense_fwd_bwd")
+    }
+    c["attention"] = {
+        **{f"{k}_s": v for k, v in att.items()},
+        "ratio_fwd": _ratio(att["key_sparse_fwd"], att["dense_fwd"]),
+        "ratio_fwd_bwd": _ratio(att["key_sparse_fwd_bwd"], att["dense_fwd_bwd"]),
+    }
+    pipe = get("pipeline")
+    model_rate = get(f"train_b{big}")
+    c["pipeline"] = {
+        "source": (results.get("pipeline") or {}).get("source"),
+        "pipeline_samples_per_s": pipe,
+        "model_train_samples_per_s": model_rate,
+        "pipeline_over_model": _ratio(pipe, model_rate),
+        # Share of one training step's wall time the pipeline would need if it ran serially.
+        "pipeline_share_of_step": _ratio(model_rate, pipe),
+    }
+
+    r, ref = summary["vs_reference"], REFERENCE
+    for b in p["train_batches"]:
+        ours = get(f"train_b{b}")
+        ref_rate = ref["train_samples_per_s"].get(str(b))
+        r[f"train_throughput_b{b}"] = _ratio(ours, ref_rate)
+    r["infer_throughput_b32"] = _ratio(
+        summary["infer_samples_per_s"], ref["infer_samples_per_s"]["32"]
+    )
+    r["latency_b1"] = _ratio(summary["latency_ms"], ref["latency_ms"])
+    r["train_peak_rss_b32"] = _ratio(summary["train_peak_rss_gib"], ref["train_peak_rss_gib"])
+    r["trainable_params"] = _ratio(params, ref["trainable_params"])
+
+    t = TARGETS
+
+    def check(value, bound, upper):
+        if value is None:
+            return None
+        return value <= bound if upper else value >= bound
+
+    summary["targets"] = {
+        "train_throughput_b32": check(
+            r.get(f"train_throughput_b{big}"), t["train_throughput_ratio_min"], False
+        ),
+        "train_throughput_b16": check(
+            r.get(f"train_throughput_b{small}"), t["train_throughput_ratio_min"], False
+        ),
+        "latency_b1": check(r["latency_b1"], t["latency_ratio_max"], True),
+        "train_peak_rss_b32": check(r["train_peak_rss_b32"], t["peak_rss_ratio_max"], True),
+        "attention_fwd": check(c["attention"]["ratio_fwd"], t["key_sparse_vs_dense_max"], True),
+        "attention_fwd_bwd": check(
+            c["attention"]["ratio_fwd_bwd"], t["key_sparse_vs_dense_max"], True
+        ),
+    }
+    if quick:
+        # A tiny model says nothing about the paper-size targets.
+        summary["targets"] = {k: None for k in summary["targets"]}
+        summary["vs_reference"] = {k: None for k in summary["vs_reference"]}
+    return summary
+
+
+def _fmt(value, spec=".2f", suffix=""):
+    if value is None:
+        return "-"
+    return f"{value:{spec}}{suffix}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Our figures next to the authors' PyTorch figures, as a plain-text table."""
+    s, ref = report["summary"], REFERENCE
+    quick = report["meta"]["quick"]
+    rows = [("measure", "ours", "PyTorch ref", "ours/ref", "target")]
+    for b, row in sorted(s["train"].items(), key=lambda kv: int(kv[0])):
+        rows.append(
+            (
+                f"train samples/s, batch {b}",
+                _fmt(row["samples_per_s"]),
+                _fmt(ref["train_samples_per_s"].get(b)),
+                _fmt(s["vs_reference"].get(f"train_throughput_b{b}")),
+                f">= {TARGETS['train_throughput_ratio_min']}",
+            )
+        )
+        rows.append(
+            (
+                f"train step s, batch {b}",
+                _fmt(row["step_s"], ".3f"),
+                _fmt(ref["train_step_s"].get(b), ".1f"),
+                "",
+                "",
+            )
+        )
+    rows.append(
+        (
+            "inference samples/s, batch 32",
+            _fmt(s["infer_samples_per_s"]),
+            _fmt(ref["infer_samples_per_s"]["32"]),
+            _fmt(s["vs_reference"].get("infer_throughput_b32")),
+            "",
+        )
+    )
+    rows.append(
+        (
+            "latency ms, batch 1",
+            _fmt(s["latency_ms"], ".1f"),
+            _fmt(ref["latency_ms"], ".0f"),
+            _fmt(s["vs_reference"].get("latency_b1")),
+            f"<= {TARGETS['latency_ratio_max']}",
+        )
+    )
+    rows.append(
+        (
+            "peak RSS GiB, train batch 32",
+            _fmt(s["train_peak_rss_gib"]),
+            _fmt(ref["train_peak_rss_gib"], ".1f"),
+            _fmt(s["vs_reference"].get("train_peak_rss_b32")),
+            f"<= {TARGETS['peak_rss_ratio_max']}",
+        )
+    )
+    rows.append(
+        (
+            "trainable parameters",
+            _fmt(s["trainable_params"], ","),
+            f"{ref['trainable_params']:,}",
+            _fmt(s["vs_reference"].get("trainable_params"), ".4f"),
+            "",
+        )
+    )
+    a = s["comparisons"]["attention"]
+    rows.append(
+        (
+            "KS / dense attention, fwd",
+            _fmt(a["ratio_fwd"]),
+            "",
+            "",
+            f"<= {TARGETS['key_sparse_vs_dense_max']}",
+        )
+    )
+    rows.append(
+        (
+            "KS / dense attention, fwd+bwd",
+            _fmt(a["ratio_fwd_bwd"]),
+            "",
+            "",
+            f"<= {TARGETS['key_sparse_vs_dense_max']}",
+        )
+    )
+    x = s["comparisons"]["xla"]
+    rows.append(("XLA speed-up, train", _fmt(x["train_speedup_jit_on"]), "", "", ""))
+    rows.append(("XLA speed-up, inference", _fmt(x["infer_speedup_jit_on"]), "", "", ""))
+    pr = s["comparisons"]["precision"]
+    rows.append((f"{pr['mixed_policy']} speed-up, train", _fmt(pr["mixed_speedup"]), "", "", ""))
+    pi = s["comparisons"]["pipeline"]
+    rows.append(("tf.data samples/s", _fmt(pi["pipeline_samples_per_s"], ".0f"), "", "", ""))
+    rows.append(
+        ("tf.data / model train rate", _fmt(pi["pipeline_over_model"], ".0f"), "", "", ">> 1")
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    meta = report["meta"]
+    head = (
+        f"ks-keras bench ({'quick, tiny model' if quick else 'paper size'}; "
+        f"precision {meta['precision']}, jit_compile {meta['jit_compile']}; "
+        f"{meta['cpu_count']} CPU cores; reference: {ref['source']})"
+    )
+    if quick:
+        head += "\n(quick mode: ratios to the paper-size reference are not meaningful)"
+    return head + "\n" + "\n".join(lines)
+
+
+def run_benchmark(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    quick: bool = False,
+    only: tuple[str, ...] = MEASURES,
+    jit: str = "auto",
+    precision: str = "auto",
+    output: str | Path | None = "reports/benchmark.json",
+    repeats: int | None = None,
+    threads: int | None = None,
+    progress=print,
+) -> dict[str, Any]:
+    """Run the benchmark (one fresh process per measure) and write the JSON report.
+
+    Args:
+        config: YAML config (model and data lengths); None = paper defaults.
+        overrides: dotted overrides (`model.n_ccab=2`).
+        quick: tiny model and few repetitions (seconds; for tests and smoke checks).
+        only: which measure groups to run (subset of `MEASURES`).
+        jit: `auto` (XLA on GPU only), `on` or `off` for the headline figures.
+        precision: `auto` (mixed_float16 on GPU, float32 on CPU), `float32` or `mixed`.
+        output: JSON path (parent folders are created); None = do not write.
+        repeats: timed repetitions per measure (default 5; 2 in quick mode).
+        threads: intra/inter-op threads for the children (default: TF's choice).
+        progress: called with one line per finished measure.
+
+    Returns:
+        The report: `meta`, `reference`, `targets`, `results` (raw, per child) and
+        `summary` (headline figures, comparisons, ratios to the reference, targets met).
+    """
+    unknown = sorted(set(only) - set(MEASURES) - set(OPTIONAL_MEASURES))
+    if unknown or not only:
+        raise ValueError(
+            f"--only: expected a comma list of "
+            f"{', '.join(MEASURES + OPTIONAL_MEASURES)}, got "
+            f"{','.join(only) or 'nothing'}"
+        )
+    if repeats is not None and repeats < 1:
+        raise ValueError(f"--repeats: expected >= 1, got {repeats}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads: expected >= 1, got {threads}")
+    cfg = load_config(config, list(overrides or []) + (QUICK_OVERRIDES if quick else []))
+    gpu = _gpu_present()
+    use_jit, policy, other = resolve_settings(jit, precision, gpu)
+    plan = plan_measures(cfg, quick, tuple(only), use_jit, policy, other)
+    timeout = _plan(quick)["timeout_s"]
+    results: dict[str, dict] = {}
+    started = time.perf_counter()
+    for i, (name, spec) in enumerate(plan, 1):
+        if repeats is not None:
+            spec["repeats"] = repeats if spec["kind"] != "latency" else max(repeats, 5)
+        if threads is not None:
+            spec["threads"] = threads
+        if progress:
+            progress(f"[{i}/{len(plan)}] {name} (free memory {_free_memory_gib()} GiB) ...")
+        res = run_child(spec, timeout)
+        results[name] = res
+        if progress:
+            if "error" in res:
+                progress(f"    FAILED: {res['error']}")
+            else:
+                rate = res.get("samples_per_s")
+                progress(
+                    f"    median {res['median_s']:.4f} s"
+                    + (f", {rate:.2f} samples/s" if rate is not None else "")
+                    + f", peak RSS {res.get('peak_rss_gib')} GiB, wall {res['wall_s']} s"
+                )
+    report = {
+        "meta": {
+            "quick": quick,
+            "config": config,
+            "overrides": list(overrides or []),
+            "precision": policy,
+            "jit_compile": use_jit,
+            "gpu": gpu,
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "processor": _cpu_model(),
+            "python": platform.python_version(),
+            "versions": _versions(),
+            "env": {
+                k: os.environ[k]
+                for k in ("TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS", "TF_XLA_FLAGS")
+                if k in os.environ
+            },
+            "plan": _plan(quick),
+            "model": cfg.to_dict()["model"],
+            "audio_len": cfg.data.audio_max_len,
+            "text_len": cfg.data.text_max_len,
+            "min_length_fraction": MIN_LENGTH_FRACTION,
+            "total_wall_s": round(time.perf_counter() - started, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        },
+        "reference": REFERENCE,
+        "targets": TARGETS,
+        "results": results,
+    }
+    report["summary"] = summarize(results, use_jit, policy, other, quick)
+    if output is not None:
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    return report
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata
+
+    out = {}
+    for name in ("tensorflow", "keras", "numpy"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_bench_args(p: argparse.ArgumentParser, config_args: bool = True) -> None:
+    """The `bench` options (shared by `ks-keras bench` and scripts/benchmark.py).
+
+    Args:
+        p: the parser to extend.
+        config_args: also add `--config` and `--set` (the CLI has its own helper for them).
+    """
+    if config_args:
+        p.add_argument("--config", default=None, help="YAML config (default: paper model)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="dotted override, repeatable",
+        )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny model, few repetitions (seconds; a smoke test)"
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(MEASURES),
+        help=f"comma list of measures (default all: {','.join(MEASURES)})",
+    )
+    p.add_argument(
+        "--jit",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="XLA for the headline figures (auto: on with a GPU, off on CPU)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "float32", "mixed"),
+        default="auto",
+        help="auto: mixed_float16 on a GPU, float32 on CPU",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per measure")
+    p.add_argument("--threads", type=int, default=None, help="TF intra/inter-op threads")
+    p.add_argument("--output", default="reports/benchmark.json", help="JSON report path")
+
+
+def run_bench(args) -> int:
+    """`ks-keras bench`: run, print the table, write the JSON. Exit 1 if a measure failed."""
+    only = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    report = run_benchmark(
+        config=args.config,
+        overrides=args.overrides,
+        quick=args.quick,
+        only=only,
+        jit=args.jit,
+        precision=args.precision,
+        output=args.output,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    print(format_table(report))
+    print(f"wrote {args.output}")
+    failed = [k for k, v in report["results"].items() if "error" in v]
+    if failed:
+        print(f"failed measures: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ks_keras.bench`: the benchmark, or (`--child SPEC`) one measure."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        result = child_main(json.loads(argv[1]))
+        print(RESULT_PREFIX + json.dumps(result, default=_json_default), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="python -m ks_keras.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_bench_args(parser)
+    try:
+        return run_bench(parser.parse_args(argv))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"benchmark: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Speed and memory benchmark of the KS-T + CCAB model (issue 8), next to the authors' figures.
+
+Same as `ks-keras bench`; see `python scripts/benchmark.py --help` and docs/performance.md.
+
+    python scripts/benchmark.py                      # paper size (~20 min on 2 CPU cores)
+    python scripts/benchmark.py --quick              # tiny model, a smoke test
+    python scripts/benchmark.py --only train,attention --output reports/bench.json
+"""
+
+import sys
+
+from ks_keras.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
