@@ -323,7 +323,6 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         mask (their weight is exactly 0).
         """
         softmax_mask, key_valid, row_valid, voters = masks
-        dot_eq, combine_eq = _EQUATIONS
         scale = ops.cast(self._inverse_sqrt_key_dim, "float32")
         dtype = value.dtype
         # Per-row output factor: 0 for query rows without any allowed key, times the
@@ -336,8 +335,14 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
             factor = inv_keep if factor is None else factor * inv_keep
         zero = ops.zeros((), dtype)
 
-        def softmax_of(k32, q32):
-            logits = ops.einsum(dot_eq, k32, q32)  # [B, N, T, S]
+        def heads_first(x):  # [B, T, N, H] <-> [B, N, T, H] (small tensors)
+            return ops.transpose(x, (0, 2, 1, 3))
+
+        def softmax_of(kh, qh):
+            # Plain batched matmuls in the [B, N, T, *] layout: the [B, N, T, S] tensors are
+            # never transposed (Grappler folds the swapaxes below into the matmul's adjoint
+            # flags; XLA takes them as dot dimensions). einsum transposed them on CPU.
+            logits = ops.matmul(qh, ops.swapaxes(kh, -1, -2))  # [B, N, T, S]
             if softmax_mask is not None:
                 logits = ops.where(softmax_mask, logits, _LARGE_NEGATIVE)
             return ops.softmax(logits, axis=-1)
@@ -350,25 +355,30 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         def attend(query, key, value):
             q32 = query if query.dtype == "float32" else ops.cast(query, "float32")
             k32 = key if key.dtype == "float32" else ops.cast(key, "float32")
-            q32 = q32 * scale
-            probs = softmax_of(k32, q32)
-            kept_v = None
+            qh = heads_first(q32 * scale)  # [B, N, T, H]
+            kh = heads_first(k32)  # [B, N, S, H]
+            probs = softmax_of(kh, qh)
+            vh = heads_first(value)  # [B, N, S, H]
+            kept_f = None
             if self.sparsity > 0.0:
-                kept_v = self._kept_values(self._kept_keys(probs, key_valid, voters), dtype)
-            kept_value = value if kept_v is None else value * kept_v
-            out = ops.einsum(combine_eq, kept_weights(probs), kept_value)  # [B, T, N, H]
+                kept = self._kept_keys(probs, key_valid, voters)  # [B, N, S]
+                kept_f = ops.cast(kept, dtype)[..., None]  # [B, N, S, 1]
+                vh = vh * kept_f
+            out = heads_first(ops.matmul(kept_weights(probs), vh))  # [B, T, N, H]
             if factor is not None:
                 out = out * factor
             saved_probs = None if self._recompute_probs else probs
 
             def grad(d_out, variables=None):
                 with keras.name_scope("ks_attention_grad"):
-                    probs = saved_probs if saved_probs is not None else softmax_of(k32, q32)
+                    probs = saved_probs if saved_probs is not None else softmax_of(kh, qh)
                     g = d_out if factor is None else d_out * factor
-                    d_value = ops.einsum("acbe,abcd->aecd", kept_weights(probs), g)
-                    if kept_v is not None:
-                        d_value = d_value * kept_v
-                    d_weights = ops.einsum("abcd,aecd->acbe", g, kept_value)  # [B, N, T, S]
+                    gh = heads_first(g)  # [B, N, T, H]
+                    weights = kept_weights(probs)
+                    d_vh = ops.matmul(ops.swapaxes(weights, -1, -2), gh)  # [B, N, S, H]
+                    if kept_f is not None:
+                        d_vh = d_vh * kept_f
+                    d_weights = ops.matmul(gh, ops.swapaxes(vh, -1, -2))  # [B, N, T, S]
                     if keep is not None:
                         d_weights = ops.where(keep, d_weights, zero)
                     d_probs = ops.cast(d_weights, "float32")
@@ -380,13 +390,13 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
                         row_dot = ops.transpose(row_dot, (0, 2, 1))[..., None]  # [B, N, T, 1]
                     else:
                         row_dot = ops.sum(d_probs * probs, axis=-1, keepdims=True)
-                    d_logits = probs * (d_probs - row_dot)
-                    d_query = ops.einsum("acbe,aecd->abcd", d_logits, k32) * scale
-                    d_key = ops.einsum("acbe,abcd->aecd", d_logits, q32)
+                    d_logits = probs * (d_probs - row_dot)  # [B, N, T, S]
+                    d_qh = ops.matmul(d_logits, kh) * scale  # [B, N, T, H]
+                    d_kh = ops.matmul(ops.swapaxes(d_logits, -1, -2), qh)  # [B, N, S, H]
                     grads = (
-                        ops.cast(d_query, query.dtype),
-                        ops.cast(d_key, key.dtype),
-                        ops.cast(d_value, dtype),
+                        ops.cast(heads_first(d_qh), query.dtype),
+                        ops.cast(heads_first(d_kh), key.dtype),
+                        ops.cast(heads_first(d_vh), dtype),
                     )
                 if variables is not None:
                     return grads, [None] * len(variables)
