@@ -201,6 +201,8 @@ def _setup_child(spec: dict[str, Any]):
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
+    if spec.get("inter_threads"):
+        tf.config.threading.set_inter_op_parallelism_threads(spec["inter_threads"])
     import keras
 
     keras.utils.set_random_seed(spec.get("seed", 0))
@@ -694,6 +696,10 @@ def plan_measures(
             precision=policy,
             repeats=p["latency_repeats"],
         )
+    # The twins of the headline setting (XLA flipped, the other precision) are comparisons
+    # only, and on CPU each is several times slower than the headline step: one warm-up
+    # step and at most two timed steps.
+    short = dict(short=True, warmup=1, max_warmup=1, repeats=min(2, p["repeats"]))
     if "xla" in only:
         add(
             f"train_b{big}_xla_{'off' if use_jit else 'on'}",
@@ -701,6 +707,7 @@ def plan_measures(
             batch=big,
             jit=not use_jit,
             precision=policy,
+            **short,
         )
         add(
             f"infer_b{p['infer_batch']}_xla_{'off' if use_jit else 'on'}",
@@ -708,9 +715,17 @@ def plan_measures(
             batch=p["infer_batch"],
             jit=not use_jit,
             precision=policy,
+            **short,
         )
     if "precision" in only:
-        add(f"train_b{big}_{other}", kind="train", batch=big, jit=use_jit, precision=other)
+        add(
+            f"train_b{big}_{other}",
+            kind="train",
+            batch=big,
+            jit=use_jit,
+            precision=other,
+            **short,
+        )
     if "attention" in only:
         m = cfg.model
         dim = (
@@ -996,7 +1011,7 @@ def run_benchmark(
     output: str | Path | None = "reports/benchmark.json",
     repeats: int | None = None,
     threads: int | None = None,
-    progress=print,
+    progress=lambda line: print(line, flush=True),
 ) -> dict[str, Any]:
     """Run the benchmark (one fresh process per measure) and write the JSON report.
 
@@ -1035,7 +1050,7 @@ def run_benchmark(
     results: dict[str, dict] = {}
     started = time.perf_counter()
     for i, (name, spec) in enumerate(plan, 1):
-        if repeats is not None:
+        if repeats is not None and not spec.get("short"):
             spec["repeats"] = repeats if spec["kind"] != "latency" else max(repeats, 5)
         if threads is not None:
             spec["threads"] = threads

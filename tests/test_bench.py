@@ -65,6 +65,9 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
         "float32",
         "mixed_bfloat16",
     }
+    # The XLA / precision twins are comparisons: one warm-up step, at most two timed steps.
+    twins = [c for c in calls if c.get("short")]
+    assert len(twins) == 3 and all(c["warmup"] == 1 and c["repeats"] <= 2 for c in twins)
     # Paper shapes reach the children.
     assert calls[0]["audio_len"] == 460 and calls[0]["text_len"] == 20
     assert calls[0]["model"]["audio_dim"] == 512 and calls[0]["model"]["n_ccab"] == 3
