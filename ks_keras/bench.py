@@ -24,7 +24,7 @@ between 30 % and 100 % of the maximum (audio 460 frames, text 20 tokens).
 Example:
 
 ```
-ks-keras bench                        # paper size, ~20 min on 2 CPU cores
+ks-keras bench                        # paper size, 20-40 min on 2 CPU cores
 ks-keras bench --quick                # tiny model, seconds (used by the tests)
 ks-keras bench --only train,attention --output reports/bench.json
 ```
@@ -978,7 +978,13 @@ def format_table(report: dict[str, Any]) -> str:
         )
     )
     x = s["comparisons"]["xla"]
-    rows.append(("XLA speed-up, train", _fmt(x["train_speedup_jit_on"]), "", "", ""))
+    xla_train = _fmt(x["train_speedup_jit_on"])
+    twin = next(
+        (r for k, r in report["results"].items() if "_xla_" in k and k.startswith("train")), None
+    )
+    if x["train_speedup_jit_on"] is None and twin and "timed out" in twin.get("error", ""):
+        xla_train = "timed out"
+    rows.append(("XLA speed-up, train", xla_train, "", "", ""))
     rows.append(("XLA speed-up, inference", _fmt(x["infer_speedup_jit_on"]), "", "", ""))
     pr = s["comparisons"]["precision"]
     rows.append((f"{pr['mixed_policy']} speed-up, train", _fmt(pr["mixed_speedup"]), "", "", ""))
@@ -1056,7 +1062,11 @@ def run_benchmark(
             spec["threads"] = threads
         if progress:
             progress(f"[{i}/{len(plan)}] {name} (free memory {_free_memory_gib()} GiB) ...")
-        res = run_child(spec, timeout)
+        # A comparison twin gets at most 10 min: XLA training on CPU may not even finish
+        # compiling in that time, which is itself the answer (reported, not fatal).
+        res = run_child(spec, min(timeout, 600) if spec.get("short") else timeout)
+        if spec.get("short") and "error" in res:
+            res["comparison_only"] = True
         results[name] = res
         if progress:
             if "error" in res:
@@ -1196,7 +1206,12 @@ def run_bench(args) -> int:
     )
     print(format_table(report))
     print(f"wrote {args.output}")
-    failed = [k for k, v in report["results"].items() if "error" in v]
+    failed = [
+        k for k, v in report["results"].items() if "error" in v and not v.get("comparison_only")
+    ]
+    slow = [k for k, v in report["results"].items() if "error" in v and v.get("comparison_only")]
+    if slow:
+        print(f"comparison measures without a figure: {', '.join(slow)} (see the JSON)")
     if failed:
         print(f"failed measures: {', '.join(failed)}", file=sys.stderr)
         return 1

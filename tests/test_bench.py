@@ -167,3 +167,23 @@ def test_full_quick_run_through_the_cli(tmp_path, capsys):
     c = saved["summary"]["comparisons"]
     assert c["xla"]["train_speedup_jit_on"] > 0 and c["precision"]["mixed_speedup"] > 0
     assert c["attention"]["ratio_fwd"] > 0 and c["attention"]["ratio_fwd_bwd"] > 0
+
+
+def test_a_comparison_twin_that_times_out_is_reported_not_fatal(monkeypatch, tmp_path, capsys):
+    run_child, calls = _fake_child()
+
+    def slow_xla(spec, timeout_s, env=None):
+        if spec.get("short") and spec["jit"]:
+            assert timeout_s <= 600
+            return {"error": f"timed out after {timeout_s:.0f} s"}
+        return run_child(spec, timeout_s, env)
+
+    monkeypatch.setattr(bench, "run_child", slow_xla)
+    monkeypatch.setattr(bench, "_gpu_present", lambda: False)
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "--only", "train,xla", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "timed out" in printed and "train_b32_xla_on" in printed
+    saved = json.loads(out.read_text())
+    assert saved["results"]["train_b32_xla_on"]["comparison_only"] is True
+    assert saved["summary"]["comparisons"]["xla"]["train_speedup_jit_on"] is None
