@@ -71,6 +71,19 @@ class ModelConfig:
     num_classes: int = 4
 
 
+def padding_invariant(m: ModelConfig) -> bool:
+    """Whether the logits ignore trailing padding (then inputs may be cropped to real length).
+
+    True with masked pooling when the key choice depends only on real steps: `k_from="valid"`
+    and padded queries without a vote (`query_mask_in_scores`), or no sparsity at all. The
+    authors' variants (`pooling="include_padding"`, `k_from="padded"`, voting padded queries)
+    depend on how far a sequence is padded, so their inputs must keep the trained length.
+    """
+    if m.pooling != "masked":
+        return False
+    return m.sparsity == 0.0 or (m.k_from == "valid" and m.query_mask_in_scores)
+
+
 @dataclass
 class AudioFeatureConfig:
     """Audio front-end: built-in log-mel or a local Hugging Face speech model."""

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from ks_keras.config import Config, config_from_dict
+from ks_keras.config import Config, config_from_dict, padding_invariant
 
 EXPORT_FORMAT = "ks_keras.export"
 SIDECAR_FORMAT = "ks_keras.model_sidecar"
@@ -204,6 +204,9 @@ def build_metadata(
         "inputs": inputs,
         "sample_rate": cfg.features.audio.sample_rate,
         "crop": "end",
+        # The graph cuts a batch after its last real step instead of padding it to max_len
+        # (only where the model's output ignores trailing padding).
+        "crop_to_longest": padding_invariant(cfg.model),
         "features": _check_feature_metadata(feature_metadata, modalities),
         "normalization": normalization_metadata(cfg, norm_stats),
         "config": cfg.to_dict(),
@@ -459,22 +462,35 @@ def waveform_signature_problem(cfg: Config) -> str | None:
     return None
 
 
-def fit_length(x, mask, max_len: int):
+def fit_length(x, mask, max_len: int, crop_to_longest: bool = False):
     """Crop at the end / zero-pad at the end to `max_len` steps and zero masked steps (tf ops).
 
-    This is the training pipeline's `pad_or_crop` for a whole batch inside the graph.
+    This is the training pipeline's `pad_or_crop` for a whole batch inside the graph. With
+    `crop_to_longest` (for models whose output ignores trailing padding, see
+    `ks_keras.config.padding_invariant`) the batch is then cut after its last real step instead
+    of being padded to `max_len`: the same result for less work (a single short request no
+    longer pays for `max_len` steps).
     """
     import tensorflow as tf
 
     mask = tf.cast(tf.not_equal(mask, 0), tf.int32)
     x = x[:, :max_len]
     mask = mask[:, :max_len]
-    pad = max_len - tf.shape(mask)[1]
+    if crop_to_longest:
+        # One past the last real step of any row (at least 1 step, so shapes stay valid).
+        steps = tf.range(1, tf.shape(mask)[1] + 1, dtype=tf.int32)
+        target = tf.maximum(tf.reduce_max(mask * steps[None, :]), 1)
+    else:
+        target = max_len
+    x = x[:, :target]
+    mask = mask[:, :target]
+    pad = tf.maximum(target - tf.shape(mask)[1], 0)
     x = tf.pad(x, [[0, 0], [0, pad], [0, 0]])
     mask = tf.pad(mask, [[0, 0], [0, pad]])
     x = x * tf.cast(mask, x.dtype)[:, :, None]
-    x = tf.ensure_shape(x, [None, max_len, x.shape[-1]])
-    mask = tf.ensure_shape(mask, [None, max_len])
+    length = None if crop_to_longest else max_len
+    x = tf.ensure_shape(x, [None, length, x.shape[-1]])
+    mask = tf.ensure_shape(mask, [None, length])
     return x, mask
 
 
@@ -517,6 +533,9 @@ def make_serving_functions(model, metadata: dict, audio_config=None) -> dict:
 
     modalities = metadata["modalities"]
     max_len = {mod: metadata["inputs"][mod]["max_len"] for mod in modalities}
+    crop = metadata.get("crop_to_longest")
+    if crop is None:  # metadata written before the flag existed: decide from its config
+        crop = "config" in metadata and padding_invariant(metadata_config(metadata).model)
     norm = metadata.get("normalization")
     if norm is not None and norm["mode"] == "global":
         norm_mean = tf.constant(norm["mean"], tf.float32)
@@ -528,7 +547,7 @@ def make_serving_functions(model, metadata: dict, audio_config=None) -> dict:
             fixed = {}
             for mod in modalities:
                 fixed[mod], fixed[f"{mod}_mask"] = fit_length(
-                    inputs[mod], inputs[f"{mod}_mask"], max_len[mod]
+                    inputs[mod], inputs[f"{mod}_mask"], max_len[mod], crop_to_longest=crop
                 )
         if norm is not None and norm["mode"] == "global":
             # Training-set statistics, applied to real steps only (as data.py does).

@@ -42,8 +42,8 @@ from ks_keras.export import (
     config_feature_metadata,
     load_exported,
     load_keras_model,
+    make_serving_functions,
     metadata_config,
-    normalize_numpy,
     read_model_sidecar,
     sidecar_path,
 )
@@ -340,12 +340,6 @@ class RequestFeaturizer:
 # Predictor: a model (export or .keras) + the featurizer.
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 class Predictor:
     """Labels for audio files + transcripts from an export or a `.keras` model.
 
@@ -447,14 +441,16 @@ class Predictor:
                 f"({sorted(expected)})"
             )
 
-        def run(inputs):
-            import keras
+        # The export's serving graph (same length fitting, normalisation and softmax), traced
+        # once: a graph call instead of eager op-by-op execution, and a short request is cut
+        # to its real length where the model allows it.
+        classify = make_serving_functions(model, metadata)[DEFAULT_SIGNATURE]
 
-            inputs = normalize_numpy({k: inputs[k] for k in expected}, metadata)
-            logits = model(inputs, training=False)
-            return _softmax(np.asarray(keras.ops.convert_to_numpy(logits), np.float64)).astype(
-                np.float32
-            )
+        def run(inputs):
+            import tensorflow as tf
+
+            request = {k: tf.convert_to_tensor(inputs[k]) for k in expected}
+            return np.asarray(classify(request)["probabilities"], np.float32)
 
         return cls(metadata, run, str(path), request_cfg)
 

@@ -419,3 +419,60 @@ def test_cli_export_from_keras_file_with_sidecar(tmp_path, capsys):
         == 1
     )
     assert "cannot load as a Keras model" in capsys.readouterr().err
+
+
+def _fit(x, mask, max_len, crop):
+    out_x, out_m = ex.fit_length(tf.constant(x), tf.constant(mask), max_len, crop_to_longest=crop)
+    return out_x.numpy(), out_m.numpy()
+
+
+def test_fit_length_crops_a_batch_after_its_last_real_step():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 10, 2)).astype("float32")
+    mask = np.zeros((3, 10), "int32")
+    mask[0, :4] = 1
+    mask[1, [0, 2, 6]] = 5  # holes and any non-zero value count as real steps
+    padded_x, padded_m = _fit(x, mask, 8, crop=False)
+    assert padded_x.shape == (3, 8, 2)
+    cropped_x, cropped_m = _fit(x, mask, 8, crop=True)
+    assert cropped_x.shape == (3, 7, 2)  # one past row 1's last real step (index 6)
+    np.testing.assert_array_equal(cropped_x, padded_x[:, :7])
+    np.testing.assert_array_equal(cropped_m, padded_m[:, :7])
+    # Real steps past max_len are still cropped; an all-padding batch keeps one step.
+    long_mask = np.ones((3, 10), "int32")
+    assert _fit(x, long_mask, 8, crop=True)[0].shape == (3, 8, 2)
+    empty_x, empty_m = _fit(x, np.zeros((3, 10), "int32"), 8, crop=True)
+    assert empty_x.shape == (3, 1, 2) and not empty_x.any() and not empty_m.any()
+    assert _fit(x[:, :0], np.zeros((3, 0), "int32"), 8, crop=True)[0].shape == (3, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "model_options,crop",
+    [
+        ({}, True),
+        ({"k_from": "padded"}, False),
+        ({"query_mask_in_scores": False}, False),
+        ({"pooling": "include_padding"}, False),
+        ({"k_from": "padded", "sparsity": 0.0}, True),
+    ],
+)
+def test_graph_crops_only_models_that_ignore_padding(tmp_path, model_options, crop):
+    keras.utils.set_random_seed(4)
+    cfg = tiny_config(model=model_options)
+    model = build_model(cfg)
+    meta = ex.build_metadata(cfg, LABELS, feature_metadata(cfg))
+    assert meta["crop_to_longest"] is crop
+    classify = ex.make_serving_functions(model, meta)[ex.DEFAULT_SIGNATURE]
+    rng = np.random.default_rng(5)
+    # A short request: both padded to the trained length and sent as is.
+    request = random_inputs(rng, 2, audio_len=9, text_len=3)
+    expected = keras_probs(model, ex._fit_numpy(request, meta))
+    got = classify({k: tf.constant(v) for k, v in request.items()})["probabilities"].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    graph = classify.get_concrete_function().graph
+    lengths = {
+        op.outputs[0].shape.as_list()[1]
+        for op in graph.get_operations()
+        if op.type == "EnsureShape" and op.outputs[0].shape.rank == 3
+    }
+    assert lengths == ({None} if crop else {AUDIO_MAX, TEXT_MAX})

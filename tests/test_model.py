@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from ks_keras.config import Config, ModelConfig, config_from_dict, load_config
+from ks_keras.config import Config, ModelConfig, config_from_dict, load_config, padding_invariant
 from ks_keras.model import build_model, count_trainable_params
 
 DA, DT = 16, 24
@@ -109,6 +109,42 @@ def test_padding_values_do_not_change_logits(extra):
     moved["audio"] = np.where(data["audio_mask"][..., None] == 1, data["audio"], 1e3)
     moved["text"] = np.where(data["text_mask"][..., None] == 1, data["text"], -1e3)
     np.testing.assert_allclose(model(moved).numpy(), logits, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["model.positional=every_layer", "model.renormalize=true", "model.input_layer_norm=true"],
+        ["model.sparsity=0.0", "model.k_from=padded", "model.query_mask_in_scores=false"],
+    ],
+)
+def test_padding_invariant_models_give_the_same_logits_cropped(extra):
+    # What the export and `ks-keras predict` rely on when they cut a request after its last
+    # real step instead of padding it to the trained length.
+    cfg = small_config("model.n_ccab=2", *extra)
+    assert padding_invariant(cfg.model)
+    model = build_model(cfg)
+    data = batch(b=2, ta=20, tt=7, lengths=([9, 4], [3, 2]))
+    cropped = {k: v[:, : (9 if k.startswith("audio") else 3)] for k, v in data.items()}
+    np.testing.assert_allclose(model(cropped).numpy(), model(data).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["model.k_from=padded"],
+        ["model.query_mask_in_scores=false"],
+        ["model.pooling=include_padding"],
+    ],
+)
+def test_authors_variants_depend_on_the_padded_length(extra):
+    cfg = small_config("model.n_ccab=2", *extra)
+    assert not padding_invariant(cfg.model)
+    model = build_model(cfg)
+    data = batch(b=2, ta=20, tt=7, lengths=([9, 4], [3, 2]))
+    cropped = {k: v[:, : (9 if k.startswith("audio") else 3)] for k, v in data.items()}
+    assert not np.allclose(model(cropped).numpy(), model(data).numpy(), atol=1e-4)
 
 
 def test_authors_variant_lets_padding_vote():
