@@ -100,9 +100,13 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         self._keep_num = round((1.0 - self.sparsity) * _KEEP_SCALE)
         # Hand-written attention gradient (less memory, fewer ops); False = autodiff (tests).
         self._fused_gradient = True
-        # Recompute the softmax in the backward pass instead of keeping it: less memory, one
-        # more scores matmul + softmax per layer (off: docs/performance.md has the trade-off).
-        self._recompute_probs = False
+        # Recompute the softmax in the backward pass instead of keeping it until then: one
+        # `[B, N, T, S]` float32 tensor less per layer for one more scores matmul + softmax
+        # (at paper size: peak memory -19 %, step time unchanged; docs/performance.md).
+        self._recompute_probs = True
+        # Draw the attention-dropout mask exactly as keras.layers.Dropout (float32 uniforms)
+        # instead of from 16-bit random integers (default off: see `_dropout_keep_mask`).
+        self._exact_dropout_mask = False
 
     def get_config(self):
         config = super().get_config()
@@ -265,17 +269,45 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         masks = self._masks(attention_mask)
         keep = None
         if training and self._dropout > 0.0:
-            # The dropout mask of the attention weights, drawn from the dropout layer's seed
-            # generator exactly as `keras.layers.Dropout` draws it (uniform >= rate).
             shape = (ops.shape(query)[0], self._num_heads, ops.shape(query)[1], ops.shape(key)[1])
-            noise = keras.random.uniform(
-                shape, dtype=value.dtype, seed=self._dropout_layer.seed_generator
-            )
-            keep = ops.greater_equal(noise, ops.cast(self._dropout, value.dtype))
+            keep = self._dropout_keep_mask(shape, value.dtype)
         standard = (self._dot_product_equation, self._combine_equation) == _EQUATIONS
         if self.renormalize or not standard or not self._fused_gradient:
             return self._autodiff_attention(query, key, value, masks, keep), None
         return self._fused_attention(query, key, value, masks, keep), None
+
+    def _dropout_keep_mask(self, shape, dtype):
+        """Bool keep mask of the attention-weight dropout, `[B, N, T, S]`.
+
+        Default: 16 random bits per weight (one 32-bit draw serves two weights), kept where
+        the bits are >= `round(rate * 65536)`, so the drop probability is the rate rounded to
+        1/65536 (0.1 → 0.100006) and `_dropout_scale` uses that exact probability. Half the
+        random numbers and no float tensor of the weights' size. With
+        `_exact_dropout_mask` the mask is drawn as `keras.layers.Dropout` draws it (a float32
+        uniform >= rate), the same mask as stock `MultiHeadAttention` with the same seed.
+        """
+        seed = self._dropout_layer.seed_generator
+        if self._exact_dropout_mask:
+            noise = keras.random.uniform(shape, dtype=dtype, seed=seed)
+            return ops.greater_equal(noise, ops.cast(self._dropout, dtype))
+        *lead, keys = shape
+        pairs = (keys + 1) // 2
+        bits = keras.random.randint(
+            (*lead, pairs), minval=-(2**31), maxval=2**31 - 1, dtype="int32", seed=seed
+        )
+        bits = ops.view(bits, "uint16")[..., :keys]  # [..., 2 * pairs] -> [..., S]
+        return ops.greater_equal(bits, ops.cast(self._drop_threshold, "uint16"))
+
+    @property
+    def _drop_threshold(self):
+        """The 16-bit threshold below which a weight is dropped (fast mask)."""
+        return min(65535, round(self._dropout * 65536))
+
+    def _dropout_scale(self):
+        """Inverted-dropout factor: 1 / P(keep) of the mask `_dropout_keep_mask` draws."""
+        if self._exact_dropout_mask:
+            return 1.0 / (1.0 - self._dropout)
+        return 65536.0 / (65536 - self._drop_threshold)
 
     def _kept_values(self, kept, dtype):
         """`[B, N, S]` kept keys as a `[B, S, N, 1]` factor for the values."""
@@ -285,7 +317,7 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         """Inverted dropout with a given keep mask (as `keras.layers.Dropout` computes it)."""
         if keep is None:
             return weights
-        scale = ops.cast(1.0 / (1.0 - self._dropout), weights.dtype)
+        scale = ops.cast(self._dropout_scale(), weights.dtype)
         return ops.where(keep, weights * scale, ops.zeros((), weights.dtype))
 
     def _autodiff_attention(self, query, key, value, masks, keep):
@@ -315,12 +347,12 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
 
         Automatic differentiation keeps three `[B, N, T, S]` tensors per layer until the
         backward pass (softmax output, dropout mask, dropped weights) and runs about eight
-        element-wise passes over such tensors there. Here the softmax output (or nothing, with
-        `_recompute_probs`) and the boolean dropout mask are kept, and the backward pass makes
-        three passes: the dropout scale is applied to `[B, T, N, H]` tensors instead of the
-        weights (the attention product is linear), the softmax gradient's row term
-        `sum_s P dP` is computed as `g · output` per query and head, and masked keys need no
-        mask (their weight is exactly 0).
+        element-wise passes over such tensors there. Here only the boolean dropout mask is
+        kept (and the softmax output with `_recompute_probs` off; by default the backward pass
+        recomputes it), and the backward pass makes three passes: the dropout scale is applied
+        to `[B, T, N, H]` tensors instead of the weights (the attention product is linear),
+        the softmax gradient's row term `sum_s P dP` is computed as `g · output` per query and
+        head, and masked keys need no mask (their weight is exactly 0).
         """
         softmax_mask, key_valid, row_valid, voters = masks
         scale = ops.cast(self._inverse_sqrt_key_dim, "float32")
@@ -331,7 +363,7 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         if row_valid is not None:
             factor = ops.cast(row_valid, dtype)[:, :, None, None]  # [B, T, 1, 1]
         if keep is not None:
-            inv_keep = ops.cast(1.0 / (1.0 - self._dropout), dtype)
+            inv_keep = ops.cast(self._dropout_scale(), dtype)
             factor = inv_keep if factor is None else factor * inv_keep
         zero = ops.zeros((), dtype)
 
@@ -347,9 +379,9 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
                 logits = ops.where(softmax_mask, logits, _LARGE_NEGATIVE)
             return ops.softmax(logits, axis=-1)
 
-        def kept_weights(probs):
+        def kept_weights(probs, fill=zero):
             weights = ops.cast(probs, dtype)
-            return weights if keep is None else ops.where(keep, weights, zero)
+            return weights if keep is None else ops.where(keep, weights, fill)
 
         @ops.custom_gradient
         def attend(query, key, value):
@@ -371,10 +403,20 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
 
             def grad(d_out, variables=None):
                 with keras.name_scope("ks_attention_grad"):
-                    probs = saved_probs if saved_probs is not None else softmax_of(kh, qh)
+                    # A zero computed from the incoming gradient. TF runs an op as soon as its
+                    # inputs exist, so backward work that reads only forward tensors (the
+                    # dropped weights, a recomputed softmax) would run during the forward pass
+                    # and hold a [B, N, T, S] tensor per layer until the backward pass reaches
+                    # it. Adding this zero makes that work wait for the gradient. (0 for any
+                    # finite or infinite gradient; NaN only where the gradient is NaN anyway.)
+                    later = ops.minimum(ops.min(ops.abs(ops.cast(d_out, "float32"))), 0.0)
+                    if saved_probs is not None:
+                        probs = saved_probs
+                    else:
+                        probs = softmax_of(kh, qh + later)
                     g = d_out if factor is None else d_out * factor
                     gh = heads_first(g)  # [B, N, T, H]
-                    weights = kept_weights(probs)
+                    weights = kept_weights(probs, ops.cast(later, dtype))
                     d_vh = ops.matmul(ops.swapaxes(weights, -1, -2), gh)  # [B, N, S, H]
                     if kept_f is not None:
                         d_vh = d_vh * kept_f

@@ -50,11 +50,13 @@ def _run(layer, query, value, mask, loss_weights, training, jit=False):
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 @pytest.mark.parametrize("qmask_in_scores", [True, False])
 @pytest.mark.parametrize("training", [False, True])
-def test_fused_gradient_matches_autodiff(sparsity, qmask_in_scores, training):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_fused_gradient_matches_autodiff(sparsity, qmask_in_scores, training, recompute):
     query, value, mask, loss_weights = _inputs(0)
     fused, auto = _fused_and_autodiff(
         sparsity=sparsity, query_mask_in_scores=qmask_in_scores, dropout=0.3
     )
+    fused._recompute_probs = recompute
     out_f, grads_f = _run(fused, query, value, mask, loss_weights, training)
     out_a, grads_a = _run(auto, query, value, mask, loss_weights, training)
     np.testing.assert_allclose(out_f, out_a, atol=1e-6)
@@ -91,7 +93,8 @@ def test_fused_gradient_under_mixed_precision(policy):
 
 def test_sparsity_zero_with_dropout_equals_stock_attention_and_its_gradient():
     # Vanilla Transformer layers with attention dropout use KeySparseAttention(sparsity=0):
-    # same output, same dropout mask (same seed) and same gradients as stock MHA.
+    # same output, same gradients as stock MHA; with the exact (float uniform) dropout mask
+    # also the same mask for the same seed.
     query, value, mask, loss_weights = _inputs(3)
     mask = tf.constant(mask.numpy()[:2])  # stock MHA spreads a key-less row uniformly
     query, value, loss_weights = query[:2], value[:2], loss_weights[:2]
@@ -101,6 +104,7 @@ def test_sparsity_zero_with_dropout_equals_stock_attention_and_its_gradient():
     stock = keras.layers.MultiHeadAttention(
         num_heads=HEADS, key_dim=D // HEADS, dropout=0.25, seed=11
     )
+    ours._exact_dropout_mask = True
     for layer in (ours, stock):
         layer.build((None, T, D), (None, S, D))
     stock.set_weights(ours.get_weights())
@@ -120,3 +124,41 @@ def test_vanilla_layer_with_dropout_uses_the_lean_attention():
     plain = TransformerLayer(num_heads=HEADS, ffn_dim=8, dropout=0.0)
     plain.build((None, T, D))
     assert type(plain.attention) is keras.layers.MultiHeadAttention
+
+
+@pytest.mark.parametrize("keys", [9, 460])
+def test_fast_dropout_mask_drops_the_rate_and_scales_exactly(keys):
+    layer = KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS, dropout=0.1, seed=5)
+    layer.build((None, T, D), (None, S, D))
+    shape = (4, HEADS, 300, keys)
+    first = np.asarray(layer._dropout_keep_mask(shape, "float32"))
+    second = np.asarray(layer._dropout_keep_mask(shape, "float32"))
+    assert first.shape == shape and first.dtype == bool
+    n = first.size
+    # Binomial: 5 standard deviations around the 16-bit rate 6554 / 65536.
+    p_drop = layer._drop_threshold / 65536
+    assert abs(p_drop - 0.1) < 1e-5
+    assert abs((1 - first.mean()) - p_drop) < 5 * np.sqrt(p_drop * (1 - p_drop) / n)
+    assert not np.array_equal(first, second)  # a new mask per call
+    # Both halves of every 32-bit draw are used and independent of each other.
+    pairs = first[..., : 2 * (keys // 2)].reshape(-1, 2)
+    both_dropped = np.mean(~pairs[:, 0] & ~pairs[:, 1])
+    assert abs(both_dropped - p_drop**2) < 5 * np.sqrt(p_drop**2 / pairs.shape[0])
+    # Inverted dropout: expected weight unchanged.
+    assert layer._dropout_scale() * (1 - p_drop) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_fast_and_exact_masks_give_the_same_expected_output():
+    query, value, mask, _ = _inputs(4)
+    layer = KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS, dropout=0.3, seed=2)
+    layer.build((None, T, D), (None, S, D))
+    expected = np.asarray(layer(query, value, attention_mask=mask, training=False))
+    means = []
+    for exact in (False, True):
+        layer._exact_dropout_mask = exact
+        run = tf.function(
+            lambda: layer(query, value, attention_mask=mask, training=True), autograph=False
+        )
+        means.append(np.mean([np.asarray(run()) for _ in range(400)], axis=0))
+    for mean in means:
+        np.testing.assert_allclose(mean, expected, atol=0.12)
