@@ -20,7 +20,9 @@ Signatures:
   brought to the trained length exactly as in training: steps beyond `data.<mod>_max_len`
   are cropped **at the end** (the start is kept), shorter inputs are zero-padded at the end,
   and feature values at masked steps are zeroed. The result therefore does not depend on how
-  a client padded its batch.
+  a client padded its batch. Where the model ignores trailing padding
+  (`config.padding_invariant`, metadata `crop_to_longest`), the batch is then cut after its
+  last real step instead of being padded to the trained length (same result, less work).
 - `serving_waveform` (only when the audio front-end is the built-in log-mel): raw 16 kHz mono
   `waveform` `[None, None]` float32 plus `waveform_length` `[None]` int32 (valid samples per
   row) and the text inputs; log-mel is computed in the graph, then as `serving_default`.
