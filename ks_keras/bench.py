@@ -104,6 +104,7 @@ def _plan(quick: bool) -> dict[str, Any]:
             max_warmup=2,
             repeats=2,
             latency_repeats=3,
+            latency_requests=3,
             attention_batch=4,
             pipeline_utterances=24,
             pipeline_epochs=2,
@@ -116,6 +117,7 @@ def _plan(quick: bool) -> dict[str, Any]:
         max_warmup=5,
         repeats=5,
         latency_repeats=20,
+        latency_requests=10,
         attention_batch=32,
         pipeline_utterances=512,
         pipeline_epochs=3,
@@ -294,7 +296,7 @@ def _measure_model(spec: dict[str, Any]) -> dict[str, Any]:
     _, keras = _setup_child(spec)
     model, n_params = _build_compiled_model(spec, keras)
     batch = spec["batch"]
-    batches = [synthetic_batch(spec, batch, seed) for seed in range(3)]
+    batches = [synthetic_batch(spec, batch, seed) for seed in range(spec.get("distinct", 3))]
     counter = [0]
 
     def next_batch():
@@ -727,25 +729,23 @@ def plan_measures(
             precision=policy,
         )
     if "latency" in only:
-        add(
-            "latency_b1",
+        # Several distinct requests (real lengths drawn like the training inputs), each seen
+        # once in the warm-up; the median is over two or more rounds through all of them.
+        n = p["latency_requests"]
+        requests = dict(
             kind="latency",
             batch=1,
             jit=use_jit,
             precision=policy,
-            repeats=p["latency_repeats"],
+            distinct=n,
+            warmup=n,
+            max_warmup=n,
+            repeats=max(p["latency_repeats"], 2 * n),
         )
+        add("latency_b1", **requests)
         # The serving graph (export, `ks-keras predict`): the same padded requests, cut after
         # their last real step inside the graph (the default model ignores padding).
-        add(
-            "latency_b1_serving",
-            kind="latency",
-            batch=1,
-            jit=use_jit,
-            precision=policy,
-            repeats=p["latency_repeats"],
-            serving="crop",
-        )
+        add("latency_b1_serving", serving="crop", **requests)
     # The twins of the headline setting (XLA flipped, the other precision) are comparisons
     # only, and on CPU each is several times slower than the headline step: one warm-up
     # step and at most two timed steps.
@@ -1120,7 +1120,7 @@ def run_benchmark(
     started = time.perf_counter()
     for i, (name, spec) in enumerate(plan, 1):
         if repeats is not None and not spec.get("short"):
-            spec["repeats"] = repeats if spec["kind"] != "latency" else max(repeats, 5)
+            spec["repeats"] = max(repeats, 2 * spec["distinct"]) if "distinct" in spec else repeats
         if threads is not None:
             spec["threads"] = threads
         if progress:
