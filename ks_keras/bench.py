@@ -252,14 +252,6 @@ def _build_compiled_model(spec: dict[str, Any], keras):
     from ks_keras.model import build_model, count_trainable_params
 
     model = build_model(from_dict(ModelConfig, spec["model"], "model"))
-    if "recompute_probs" in spec:
-        # Experiment knob (docs/performance.md): keep (False) or recompute (True, the default)
-        # the softmax for the backward pass.
-        from ks_keras.layers import KeySparseAttention
-
-        for layer in model._flatten_layers():
-            if isinstance(layer, KeySparseAttention):
-                layer._recompute_probs = bool(spec["recompute_probs"])
     model.compile(
         optimizer=keras.optimizers.Adam(spec.get("lr", 5e-4)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

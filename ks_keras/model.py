@@ -33,6 +33,7 @@ def _layer_options(m: ModelConfig, modality: str) -> dict:
         layer_norm_eps=m.layer_norm_eps,
         input_layer_norm=m.input_layer_norm,
         add_positional=m.positional == "every_layer",
+        recompute_softmax=m.attention_recompute,
     )
 
 

@@ -221,3 +221,21 @@ def test_paper_parameter_count():
     model = build_model(load_config("configs/paper.yaml"))
     n = count_trainable_params(model)
     assert abs(n - 85_324_676) / 85_324_676 < 0.01, n
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_attention_recompute_reaches_every_attention_layer_and_survives_saving(recompute, tmp_path):
+    from ks_keras.layers import KeySparseAttention
+
+    model = build_model(
+        small_config(
+            "model.n_ccab=1", "model.dropout=0.1", f"model.attention_recompute={recompute}"
+        )
+    )
+    layers = [layer for layer in model._flatten_layers() if isinstance(layer, KeySparseAttention)]
+    assert len(layers) >= 6 and {layer._recompute_probs for layer in layers} == {recompute}
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    again = [la for la in loaded._flatten_layers() if isinstance(la, KeySparseAttention)]
+    assert {layer._recompute_probs for layer in again} == {recompute}

@@ -18,7 +18,8 @@ class CCAB(keras.layers.Layer):
 
     Args:
         num_heads, ffn_dim, dropout, layer_norm_eps, sparsity, k_from, renormalize,
-        query_mask_in_scores, input_layer_norm, add_positional: as `TransformerLayer`
+        query_mask_in_scores, input_layer_norm, add_positional, recompute_softmax: as
+            `TransformerLayer`
             (both sub-layers are key-sparse).
         **kwargs: base layer arguments.
 
@@ -39,6 +40,7 @@ class CCAB(keras.layers.Layer):
         query_mask_in_scores=True,
         input_layer_norm=False,
         add_positional=False,
+        recompute_softmax=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -53,6 +55,7 @@ class CCAB(keras.layers.Layer):
             query_mask_in_scores=query_mask_in_scores,
             input_layer_norm=input_layer_norm,
             add_positional=add_positional,
+            recompute_softmax=recompute_softmax,
         )
         self.cross_layer = TransformerLayer(
             key_sparse=True, dtype=self.dtype_policy, name="ks_cross", **self._layer_config
@@ -115,6 +118,7 @@ class ModalityInteraction(keras.layers.Layer):
         input_layer_norm=False,
         add_positional=False,
         skip="paper",
+        recompute_softmax=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -135,6 +139,7 @@ class ModalityInteraction(keras.layers.Layer):
             query_mask_in_scores=query_mask_in_scores,
             input_layer_norm=input_layer_norm,
             add_positional=add_positional,
+            recompute_softmax=recompute_softmax,
         )
         self.blocks = [
             CCAB(dtype=self.dtype_policy, name=f"ccab_{i + 1}", **self._block_config)

@@ -93,6 +93,8 @@ class TransformerLayer(keras.layers.Layer):
         input_layer_norm: apply an extra LayerNorm to the layer input (authors' code).
         add_positional: add sinusoidal positions to `x` (and `context`) before attending, for
             the "re-add at every layer" variant.
+        recompute_softmax: attention layers recompute their softmax in the backward pass
+            instead of keeping it (less memory, a little more time; same results).
         **kwargs: base layer arguments.
 
     Call args:
@@ -116,6 +118,7 @@ class TransformerLayer(keras.layers.Layer):
         query_mask_in_scores=True,
         input_layer_norm=False,
         add_positional=False,
+        recompute_softmax=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -138,6 +141,7 @@ class TransformerLayer(keras.layers.Layer):
         self.query_mask_in_scores = bool(query_mask_in_scores)
         self.input_layer_norm = bool(input_layer_norm)
         self.add_positional = bool(add_positional)
+        self.recompute_softmax = bool(recompute_softmax)
 
     def build(self, inputs_shape, context_shape=None):
         input_shape = inputs_shape
@@ -162,6 +166,7 @@ class TransformerLayer(keras.layers.Layer):
                 k_from=self.k_from,
                 renormalize=self.renormalize,
                 query_mask_in_scores=self.query_mask_in_scores,
+                recompute_softmax=self.recompute_softmax,
                 **attn_kwargs,
             )
         elif self.dropout > 0.0:
@@ -169,7 +174,9 @@ class TransformerLayer(keras.layers.Layer):
             # explicit path (masked softmax, dropout, weights x values), which our layer with
             # sparsity 0 computes identically (same weights, same dropout mask) but with a
             # leaner, hand-written backward pass: less memory and time (docs/performance.md).
-            self.attention = KeySparseAttention(sparsity=0.0, **attn_kwargs)
+            self.attention = KeySparseAttention(
+                sparsity=0.0, recompute_softmax=self.recompute_softmax, **attn_kwargs
+            )
         else:
             self.attention = keras.layers.MultiHeadAttention(**attn_kwargs)
         kv_shape = tuple(context_shape) if context_shape is not None else tuple(input_shape)
@@ -248,6 +255,7 @@ class TransformerLayer(keras.layers.Layer):
                 "query_mask_in_scores": self.query_mask_in_scores,
                 "input_layer_norm": self.input_layer_norm,
                 "add_positional": self.add_positional,
+                "recompute_softmax": self.recompute_softmax,
             }
         )
         return config

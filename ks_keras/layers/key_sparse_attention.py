@@ -59,6 +59,9 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
             (default). With False every query row, padding included, attends over the real keys
             and votes with that distribution, as in the authors' code (only outputs at padded
             query positions differ).
+        recompute_softmax: in training, recompute the softmax in the backward pass instead of
+            keeping it from the forward pass: one `[B, N, T, S]` float32 tensor less per
+            layer between the passes for one more scores matmul (same results; default on).
         **kwargs: everything `keras.layers.MultiHeadAttention` accepts (value_dim, dropout,
             output_shape, ...).
 
@@ -79,6 +82,7 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         k_from="valid",
         renormalize=False,
         query_mask_in_scores=True,
+        recompute_softmax=True,
         **kwargs,
     ):
         if isinstance(sparsity, bool) or not isinstance(sparsity, int | float):
@@ -102,8 +106,8 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         self._fused_gradient = True
         # Recompute the softmax in the backward pass instead of keeping it until then: one
         # `[B, N, T, S]` float32 tensor less per layer for one more scores matmul + softmax
-        # (at paper size: peak memory -19 %, step time unchanged; docs/performance.md).
-        self._recompute_probs = True
+        # (at paper size: peak memory -21 %, step time +4 %; docs/performance.md).
+        self._recompute_probs = bool(recompute_softmax)
         # Draw the attention-dropout mask exactly as keras.layers.Dropout (float32 uniforms)
         # instead of from 16-bit random integers (default off: see `_dropout_keep_mask`).
         self._exact_dropout_mask = False
@@ -117,6 +121,7 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
                 "k_from": self.k_from,
                 "renormalize": self.renormalize,
                 "query_mask_in_scores": self.query_mask_in_scores,
+                "recompute_softmax": self._recompute_probs,
             }
         )
         return config
