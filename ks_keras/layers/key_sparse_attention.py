@@ -297,11 +297,13 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
             return ops.greater_equal(noise, ops.cast(self._dropout, dtype))
         *lead, keys = shape
         pairs = (keys + 1) // 2
+        # A static trailing axis of 1, so that `view` works when the lengths are dynamic.
         bits = keras.random.randint(
-            (*lead, pairs), minval=-(2**31), maxval=2**31 - 1, dtype="int32", seed=seed
+            (*lead, pairs, 1), minval=-(2**31), maxval=2**31 - 1, dtype="int32", seed=seed
         )
-        bits = ops.view(bits, "uint16")[..., :keys]  # [..., 2 * pairs] -> [..., S]
-        return ops.greater_equal(bits, ops.cast(self._drop_threshold, "uint16"))
+        halves = ops.view(bits, "uint16")  # [..., pairs, 2]
+        halves = ops.reshape(halves, (*lead, 2 * pairs))[..., :keys]  # [..., S]
+        return ops.greater_equal(halves, ops.cast(self._drop_threshold, "uint16"))
 
     @property
     def _drop_threshold(self):

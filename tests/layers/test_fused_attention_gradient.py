@@ -162,3 +162,26 @@ def test_fast_and_exact_masks_give_the_same_expected_output():
         means.append(np.mean([np.asarray(run()) for _ in range(400)], axis=0))
     for mean in means:
         np.testing.assert_allclose(mean, expected, atol=0.12)
+
+
+def test_dropout_mask_with_dynamic_lengths():
+    # Keras relaxes a training function to unknown lengths once batch lengths vary; the mask
+    # must then still be drawn (and the gradient flow) for any length, odd ones included.
+    layer = KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS, dropout=0.2, seed=4)
+    layer.build((None, None, D), (None, None, D))
+    spec = tf.TensorSpec([None, None, D])
+
+    @tf.function(input_signature=[spec, spec], autograph=False)
+    def run(query, value):
+        with tf.GradientTape() as tape:
+            tape.watch(query)
+            loss = tf.reduce_sum(layer(query, value, training=True) ** 2)
+        return tape.gradient(loss, query)
+
+    rng = np.random.default_rng(6)
+    for t, s in ((5, 7), (3, 4), (6, 9)):
+        grad = run(
+            rng.normal(size=(2, t, D)).astype("float32"),
+            rng.normal(size=(2, s, D)).astype("float32"),
+        )
+        assert grad.shape == (2, t, D) and np.isfinite(grad.numpy()).all()
