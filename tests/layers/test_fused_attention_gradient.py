@@ -185,3 +185,14 @@ def test_dropout_mask_with_dynamic_lengths():
             rng.normal(size=(2, s, D)).astype("float32"),
         )
         assert grad.shape == (2, t, D) and np.isfinite(grad.numpy()).all()
+
+
+def test_dropout_under_xla():
+    # GPU runs use jit_compile: the 16-bit dropout mask and the deferred backward work compile.
+    query, value, mask, loss_weights = _inputs(7)
+    layer = KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS, sparsity=0.5, dropout=0.2)
+    layer.build((None, T, D), (None, S, D))
+    out, grads = _run(layer, query, value, mask, loss_weights, True, jit=True)
+    no_drop, _ = _run(layer, query, value, mask, loss_weights, False, jit=True)
+    assert not np.allclose(out, no_drop)
+    assert all(np.isfinite(g).all() for g in grads)
