@@ -478,14 +478,13 @@ def fit_length(x, mask, max_len: int, crop_to_longest: bool = False):
     mask = tf.cast(tf.not_equal(mask, 0), tf.int32)
     x = x[:, :max_len]
     mask = mask[:, :max_len]
+    target = max_len
     if crop_to_longest:
         # One past the last real step of any row (at least 1 step, so shapes stay valid).
         steps = tf.range(1, tf.shape(mask)[1] + 1, dtype=tf.int32)
         target = tf.maximum(tf.reduce_max(mask * steps[None, :]), 1)
-    else:
-        target = max_len
-    x = x[:, :target]
-    mask = mask[:, :target]
+        x = x[:, :target]
+        mask = mask[:, :target]
     pad = tf.maximum(target - tf.shape(mask)[1], 0)
     x = tf.pad(x, [[0, 0], [0, pad], [0, 0]])
     mask = tf.pad(mask, [[0, 0], [0, pad]])

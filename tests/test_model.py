@@ -233,9 +233,9 @@ def test_attention_recompute_reaches_every_attention_layer_and_survives_saving(r
         )
     )
     layers = [layer for layer in model._flatten_layers() if isinstance(layer, KeySparseAttention)]
-    assert len(layers) >= 6 and {layer._recompute_probs for layer in layers} == {recompute}
+    assert len(layers) >= 6 and {layer.recompute_softmax for layer in layers} == {recompute}
     path = tmp_path / "m.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
     again = [la for la in loaded._flatten_layers() if isinstance(la, KeySparseAttention)]
-    assert {layer._recompute_probs for layer in again} == {recompute}
+    assert {layer.recompute_softmax for layer in again} == {recompute}

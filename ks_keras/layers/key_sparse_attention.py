@@ -107,7 +107,7 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         # Recompute the softmax in the backward pass instead of keeping it until then: one
         # `[B, N, T, S]` float32 tensor less per layer for one more scores matmul + softmax
         # (at paper size: peak memory -21 %, step time +4 %; docs/performance.md).
-        self._recompute_probs = bool(recompute_softmax)
+        self.recompute_softmax = bool(recompute_softmax)
         # Draw the attention-dropout mask exactly as keras.layers.Dropout (float32 uniforms)
         # instead of from 16-bit random integers (default off: see `_dropout_keep_mask`).
         self._exact_dropout_mask = False
@@ -121,7 +121,7 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
                 "k_from": self.k_from,
                 "renormalize": self.renormalize,
                 "query_mask_in_scores": self.query_mask_in_scores,
-                "recompute_softmax": self._recompute_probs,
+                "recompute_softmax": self.recompute_softmax,
             }
         )
         return config
@@ -355,7 +355,7 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         Automatic differentiation keeps three `[B, N, T, S]` tensors per layer until the
         backward pass (softmax output, dropout mask, dropped weights) and runs about eight
         element-wise passes over such tensors there. Here only the boolean dropout mask is
-        kept (and the softmax output with `_recompute_probs` off; by default the backward pass
+        kept (and the softmax output with `recompute_softmax` off; by default the backward pass
         recomputes it), and the backward pass makes three passes: the dropout scale is applied
         to `[B, T, N, H]` tensors instead of the weights (the attention product is linear),
         the softmax gradient's row term `sum_s P dP` is computed as `g · output` per query and
@@ -406,7 +406,7 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
             out = heads_first(ops.matmul(kept_weights(probs), vh))  # [B, T, N, H]
             if factor is not None:
                 out = out * factor
-            saved_probs = None if self._recompute_probs else probs
+            saved_probs = None if self.recompute_softmax else probs
 
             def grad(d_out, variables=None):
                 with keras.name_scope("ks_attention_grad"):

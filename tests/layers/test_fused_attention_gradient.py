@@ -56,7 +56,7 @@ def test_fused_gradient_matches_autodiff(sparsity, qmask_in_scores, training, re
     fused, auto = _fused_and_autodiff(
         sparsity=sparsity, query_mask_in_scores=qmask_in_scores, dropout=0.3
     )
-    fused._recompute_probs = recompute
+    fused.recompute_softmax = recompute
     out_f, grads_f = _run(fused, query, value, mask, loss_weights, training)
     out_a, grads_a = _run(auto, query, value, mask, loss_weights, training)
     np.testing.assert_allclose(out_f, out_a, atol=1e-6)
