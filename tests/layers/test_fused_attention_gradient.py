@@ -153,15 +153,18 @@ def test_fast_and_exact_masks_give_the_same_expected_output():
     layer = KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS, dropout=0.3, seed=2)
     layer.build((None, T, D), (None, S, D))
     expected = np.asarray(layer(query, value, attention_mask=mask, training=False))
-    means = []
+    n = 400
     for exact in (False, True):
         layer._exact_dropout_mask = exact
         run = tf.function(
             lambda: layer(query, value, attention_mask=mask, training=True), autograph=False
         )
-        means.append(np.mean([np.asarray(run()) for _ in range(400)], axis=0))
-    for mean in means:
-        np.testing.assert_allclose(mean, expected, atol=0.12)
+        samples = np.stack([np.asarray(run()) for _ in range(n)])
+        # Each element's sample mean lies within 5 standard errors of the expectation (a
+        # fixed tolerance fails now and then on elements whose dropout variance is large).
+        stderr = samples.std(axis=0) / np.sqrt(n)
+        error = np.abs(samples.mean(axis=0) - expected)
+        assert np.all(error <= 5 * stderr + 1e-4), (exact, float(np.max(error / (stderr + 1e-9))))
 
 
 def test_dropout_mask_with_dynamic_lengths():
