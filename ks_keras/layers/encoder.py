@@ -179,6 +179,9 @@ class TransformerLayer(keras.layers.Layer):
             )
         else:
             self.attention = keras.layers.MultiHeadAttention(**attn_kwargs)
+        if isinstance(self.attention, KeySparseAttention):
+            # `call` always passes `pair_mask(...)`, an outer product of padding masks.
+            self.attention._separable_mask = True
         kv_shape = tuple(context_shape) if context_shape is not None else tuple(input_shape)
         self.attention.build(tuple(input_shape), kv_shape, kv_shape)
 

@@ -111,6 +111,11 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         # Draw the attention-dropout mask exactly as keras.layers.Dropout (float32 uniforms)
         # instead of from 16-bit random integers (default off: see `_dropout_keep_mask`).
         self._exact_dropout_mask = False
+        # Set by `TransformerLayer`, which always passes the outer product of a query and a
+        # key padding mask: the key part of the mask then goes into the scores matmul as a
+        # bias column instead of a masked copy of the scores (see `_fused_attention`). A
+        # caller's arbitrary `[B, T, S]` mask keeps the general path.
+        self._separable_mask = False
 
     def get_config(self):
         config = super().get_config()
@@ -360,8 +365,22 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         to `[B, T, N, H]` tensors instead of the weights (the attention product is linear),
         the softmax gradient's row term `sum_s P dP` is computed as `g · output` per query and
         head, and masked keys need no mask (their weight is exactly 0).
+
+        Two more `[B, N, T, S]` passes are folded into the matmuls (each pass over such a
+        tensor costs about as much as the scores matmul itself on CPU, which is memory-bound):
+        when the mask depends on the key only (the authors' variant, or a separable mask from
+        `TransformerLayer`), queries get an extra component 1 and keys the component 0 (real)
+        or -1e9 (padding), so the scores matmul yields the masked logits directly; padded
+        query rows are zeroed on the output and get no vote, as before. In float32 the
+        gradient matmul gets the extra components -`sum_s P dP` and 1, so it yields
+        `dP - sum_s P dP` directly.
         """
         softmax_mask, key_valid, row_valid, voters = masks
+        key_bias = None
+        if softmax_mask is not None and (self._separable_mask or not self.query_mask_in_scores):
+            # Only rows without any allowed key differ from the pair mask's softmax; they are
+            # zeroed through `row_valid` (and give no vote through `voters`) either way.
+            key_bias = ops.where(key_valid, 0.0, _LARGE_NEGATIVE)[:, None, :, None]
         scale = ops.cast(self._inverse_sqrt_key_dim, "float32")
         dtype = value.dtype
         # Per-row output factor: 0 for query rows without any allowed key, times the
@@ -377,14 +396,24 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         def heads_first(x):  # [B, T, N, H] <-> [B, N, T, H] (small tensors)
             return ops.transpose(x, (0, 2, 1, 3))
 
-        def softmax_of(kh, qh):
+        def softmax_of(qh, kh):
             # Plain batched matmuls in the [B, N, T, *] layout: the [B, N, T, S] tensors are
             # never transposed (Grappler folds the swapaxes below into the matmul's adjoint
             # flags; XLA takes them as dot dimensions). einsum transposed them on CPU.
             logits = ops.matmul(qh, ops.swapaxes(kh, -1, -2))  # [B, N, T, S]
-            if softmax_mask is not None:
+            if softmax_mask is not None and key_bias is None:
                 logits = ops.where(softmax_mask, logits, _LARGE_NEGATIVE)
             return ops.softmax(logits, axis=-1)
+
+        def with_key_bias(qh, kh, later=0.0):
+            # [B, N, T, H+1] and [B, N, S, H+1]: the extra product is the key's mask bias.
+            # Built again in the backward pass (`later`: see `grad`) rather than kept from the
+            # forward pass: two [B, N, *, H+1] tensors less per layer between the passes.
+            if key_bias is None:
+                return qh, kh
+            qa = ops.concatenate([qh, ops.ones_like(qh[..., :1])], axis=-1)
+            bias = ops.zeros_like(kh[..., :1]) + (key_bias + later)
+            return qa, ops.concatenate([kh, bias], axis=-1)
 
         def kept_weights(probs, fill=zero):
             weights = ops.cast(probs, dtype)
@@ -396,7 +425,7 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
             k32 = key if key.dtype == "float32" else ops.cast(key, "float32")
             qh = heads_first(q32 * scale)  # [B, N, T, H]
             kh = heads_first(k32)  # [B, N, S, H]
-            probs = softmax_of(kh, qh)
+            probs = softmax_of(*with_key_bias(qh, kh))
             vh = heads_first(value)  # [B, N, S, H]
             kept_f = None
             if self.sparsity > 0.0:
@@ -420,26 +449,36 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
                     if saved_probs is not None:
                         probs = saved_probs
                     else:
-                        probs = softmax_of(kh, qh + later)
+                        qa, ka = with_key_bias(qh + later, kh, later)
+                        probs = softmax_of(qa, ka)
                     g = d_out if factor is None else d_out * factor
                     gh = heads_first(g)  # [B, N, T, H]
                     weights = kept_weights(probs, ops.cast(later, dtype))
                     d_vh = ops.matmul(ops.swapaxes(weights, -1, -2), gh)  # [B, N, S, H]
                     if kept_f is not None:
                         d_vh = d_vh * kept_f
-                    d_weights = ops.matmul(gh, ops.swapaxes(vh, -1, -2))  # [B, N, T, S]
-                    if keep is not None:
-                        d_weights = ops.where(keep, d_weights, zero)
-                    d_probs = ops.cast(d_weights, "float32")
                     # Softmax: dL = P * (dP - sum_s P dP). In float32 the sum is computed as
                     # d_out · out per query and head (out is linear in P), on tensors H/S
-                    # times smaller; in half precision `out` is too coarse for that.
+                    # times smaller, and subtracted inside the matmul that gives dP; in half
+                    # precision `out` is too coarse for that.
                     if dtype == "float32":
                         row_dot = ops.sum(d_out * out, axis=-1)  # [B, T, N]
                         row_dot = ops.transpose(row_dot, (0, 2, 1))[..., None]  # [B, N, T, 1]
+                        ga = ops.concatenate([gh, -row_dot], axis=-1)  # [B, N, T, H+1]
+                        ones = ops.ones_like(vh[..., :1]) + ops.cast(later, dtype)
+                        va = ops.concatenate([vh, ones], axis=-1)
+                        shifted = ops.matmul(ga, ops.swapaxes(va, -1, -2))  # dP - row_dot
+                        if keep is not None:
+                            # A dropped weight has dP = 0.
+                            shifted = ops.where(keep, shifted, -row_dot)
                     else:
+                        d_weights = ops.matmul(gh, ops.swapaxes(vh, -1, -2))  # [B, N, T, S]
+                        if keep is not None:
+                            d_weights = ops.where(keep, d_weights, zero)
+                        d_probs = ops.cast(d_weights, "float32")
                         row_dot = ops.sum(d_probs * probs, axis=-1, keepdims=True)
-                    d_logits = probs * (d_probs - row_dot)  # [B, N, T, S]
+                        shifted = d_probs - row_dot
+                    d_logits = probs * shifted  # [B, N, T, S]
                     d_qh = ops.matmul(d_logits, kh) * scale  # [B, N, T, H]
                     d_kh = ops.matmul(ops.swapaxes(d_logits, -1, -2), qh)  # [B, N, S, H]
                     grads = (

@@ -51,12 +51,16 @@ def _run(layer, query, value, mask, loss_weights, training, jit=False):
 @pytest.mark.parametrize("qmask_in_scores", [True, False])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_fused_gradient_matches_autodiff(sparsity, qmask_in_scores, training, recompute):
+@pytest.mark.parametrize("separable", [False, True])
+def test_fused_gradient_matches_autodiff(sparsity, qmask_in_scores, training, recompute, separable):
+    # `separable`: the mask is declared an outer product of padding masks (it is one here, as
+    # from TransformerLayer), so its key part is folded into the scores matmul.
     query, value, mask, loss_weights = _inputs(0)
     fused, auto = _fused_and_autodiff(
         sparsity=sparsity, query_mask_in_scores=qmask_in_scores, dropout=0.3
     )
     fused.recompute_softmax = recompute
+    fused._separable_mask = separable
     out_f, grads_f = _run(fused, query, value, mask, loss_weights, training)
     out_a, grads_a = _run(auto, query, value, mask, loss_weights, training)
     np.testing.assert_allclose(out_f, out_a, atol=1e-6)
@@ -67,9 +71,11 @@ def test_fused_gradient_matches_autodiff(sparsity, qmask_in_scores, training, re
         assert not np.allclose(out_f, no_drop)
 
 
-def test_fused_gradient_under_xla():
+@pytest.mark.parametrize("separable", [False, True])
+def test_fused_gradient_under_xla(separable):
     query, value, mask, loss_weights = _inputs(1)
     fused, auto = _fused_and_autodiff(sparsity=0.5, dropout=0.0)
+    fused._separable_mask = separable
     out_x, grads_x = _run(fused, query, value, mask, loss_weights, True, jit=True)
     out_a, grads_a = _run(auto, query, value, mask, loss_weights, True)
     np.testing.assert_allclose(out_x, out_a, atol=1e-5)
@@ -78,10 +84,12 @@ def test_fused_gradient_under_xla():
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_fused_gradient_under_mixed_precision(policy):
+@pytest.mark.parametrize("separable", [False, True])
+def test_fused_gradient_under_mixed_precision(policy, separable):
     keras.config.set_dtype_policy(policy)
     query, value, mask, loss_weights = _inputs(2)
     fused, auto = _fused_and_autodiff(sparsity=0.5, dropout=0.2)
+    fused._separable_mask = separable
     out_f, grads_f = _run(fused, query, value, mask, loss_weights, True)
     out_a, grads_a = _run(auto, query, value, mask, loss_weights, True)
     tol = 2e-2 if policy == "mixed_bfloat16" else 2e-3
@@ -121,6 +129,9 @@ def test_vanilla_layer_with_dropout_uses_the_lean_attention():
     layer = TransformerLayer(num_heads=HEADS, ffn_dim=8, dropout=0.1)
     layer.build((None, T, D))
     assert isinstance(layer.attention, KeySparseAttention) and layer.attention.sparsity == 0.0
+    # TransformerLayer passes an outer product of padding masks, and says so.
+    assert layer.attention._separable_mask
+    assert not KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS)._separable_mask
     plain = TransformerLayer(num_heads=HEADS, ffn_dim=8, dropout=0.0)
     plain.build((None, T, D))
     assert type(plain.attention) is keras.layers.MultiHeadAttention
