@@ -250,10 +250,12 @@ def _timed(fn, warmup: int, max_warmup: int, repeats: int) -> dict[str, Any]:
 def _build_compiled_model(spec: dict[str, Any], keras):
     from ks_keras.config import ModelConfig, from_dict
     from ks_keras.model import build_model, count_trainable_params
+    from ks_keras.training import FusedAdam
 
     model = build_model(from_dict(ModelConfig, spec["model"], "model"))
     model.compile(
-        optimizer=keras.optimizers.Adam(spec.get("lr", 5e-4)),
+        # The Adam that `ks-keras train` uses (training.make_optimizer).
+        optimizer=FusedAdam(spec.get("lr", 5e-4)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=bool(spec["jit"]),
     )

@@ -382,3 +382,99 @@ def test_killed_run_resumes_and_finishes_with_the_same_epochs(tmp_path):
     assert resumed["iterations_at_end"] == 4 * 4
     assert resumed["best_value"] == pytest.approx(max(resumed["history"]["val_ua"]))
     assert not (run_dir / "backup").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# FusedAdam
+
+
+def _adam_run(optimizer, steps=4, seed=0):
+    rng = np.random.default_rng(seed)
+    variables = [
+        keras.Variable(rng.normal(size=shape).astype("float32"), name=name)
+        for shape, name in (((5, 3), "kernel"), ((3,), "bias"), ((2, 4, 3), "other"))
+    ]
+    optimizer.build(variables)
+    for _ in range(steps):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+        optimizer.apply(grads, variables)
+    moments = [np.asarray(m) for m in optimizer._momentums + optimizer._velocities]
+    return [np.asarray(v) for v in variables], moments
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"weight_decay": 0.01},
+        {"clipnorm": 0.5, "beta_1": 0.8, "epsilon": 1e-5},
+        {"amsgrad": True},
+    ],
+)
+def test_fused_adam_updates_like_keras_adam(options):
+    from ks_keras.training import FusedAdam
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, 2, 0.5)
+    ours = _adam_run(FusedAdam(learning_rate=schedule, **options))
+    reference = _adam_run(keras.optimizers.Adam(learning_rate=schedule, **options))
+    for a, b in zip(ours[0] + ours[1], reference[0] + reference[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # The update really moved the variables.
+    assert not np.allclose(ours[0][0], _adam_run(FusedAdam(), steps=0)[0][0])
+
+
+def test_fused_adam_is_the_default_adam_and_round_trips(tmp_path):
+    from ks_keras.training import FusedAdam
+
+    adam = make_optimizer(TrainConfig(optimizer="adam", lr=1e-3), 10)
+    assert isinstance(adam, FusedAdam)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.compile(optimizer=FusedAdam(1e-3, beta_2=0.99), loss="mse")
+    x = np.random.default_rng(1).normal(size=(8, 4)).astype("float32")
+    model.fit(x, x[:, :2], epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    assert isinstance(again.optimizer, FusedAdam)
+    assert again.optimizer.beta_2 == pytest.approx(0.99)
+    assert int(again.optimizer.iterations) == 1
+
+
+_MIRRORED_ADAM = """
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from ks_keras.training import FusedAdam
+rng = np.random.default_rng(0)
+x = rng.normal(size=(32, 6)).astype("float32")
+y = rng.normal(size=(32, 3)).astype("float32")
+weights = None
+results = []
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+for optimizer in (FusedAdam, keras.optimizers.Adam):
+    with strategy.scope():
+        inputs = keras.Input((6,))
+        model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(5)(inputs)))
+        if weights is None:
+            weights = model.get_weights()
+        model.set_weights(weights)
+        model.compile(optimizer=optimizer(0.01), loss="mse")
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    results.append(model.get_weights())
+for a, b in zip(*results):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+assert not np.allclose(results[0][0], weights[0])
+print("RESULT ok")
+"""
+
+
+def test_fused_adam_under_mirrored_strategy():
+    proc = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_ADAM],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "RESULT ok" in proc.stdout, proc.stderr[-4000:]
