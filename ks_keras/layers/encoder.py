@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from ks_keras.layers.dropout import FastDropout
 from ks_keras.layers.key_sparse_attention import KeySparseAttention
 from ks_keras.layers.masks import check_sequence_mask, pair_mask
 from ks_keras.layers.positional import SinusoidalPositionalEncoding
@@ -195,7 +196,8 @@ class TransformerLayer(keras.layers.Layer):
         self.input_norm = norm("input_norm") if self.input_layer_norm else None
         self.attention_norm = norm("attention_norm")
         self.ffn_norm = norm("ffn_norm")
-        self.attention_dropout = keras.layers.Dropout(
+        # Residual dropout from 16-bit random numbers (ks_keras.layers.dropout).
+        self.attention_dropout = FastDropout(
             self.dropout, dtype=self.dtype_policy, name="attention_dropout"
         )
         self.ffn_inner = keras.layers.Dense(
@@ -204,9 +206,7 @@ class TransformerLayer(keras.layers.Layer):
         self.ffn_inner.build(tuple(input_shape))
         self.ffn_outer = keras.layers.Dense(dim, dtype=self.dtype_policy, name="ffn_outer")
         self.ffn_outer.build(tuple(input_shape[:-1]) + (self.ffn_dim,))
-        self.ffn_dropout = keras.layers.Dropout(
-            self.dropout, dtype=self.dtype_policy, name="ffn_dropout"
-        )
+        self.ffn_dropout = FastDropout(self.dropout, dtype=self.dtype_policy, name="ffn_dropout")
         self.positional = (
             SinusoidalPositionalEncoding(dtype=self.dtype_policy, name="positional")
             if self.add_positional

@@ -10,6 +10,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from ks_keras.layers.dropout import drop_threshold, keep_mask, keep_scale
+
 # Precision of the keep ratio in the integer computation of k: k = (keep_num * L) // SCALE.
 # Integer arithmetic means 0.7 * 10 keeps 7 keys, never 6 (float32 gives 6.9999995).
 _KEEP_SCALE = 1_000_000
@@ -289,10 +291,8 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
     def _dropout_keep_mask(self, shape, dtype):
         """Bool keep mask of the attention-weight dropout, `[B, N, T, S]`.
 
-        Default: 16 random bits per weight (one 32-bit draw serves two weights), kept where
-        the bits are >= `round(rate * 65536)`, so the drop probability is the rate rounded to
-        1/65536 (0.1 → 0.100006) and `_dropout_scale` uses that exact probability. Half the
-        random numbers and no float tensor of the weights' size. With
+        Default: 16 random bits per weight (`ks_keras.layers.dropout.keep_mask`): the drop
+        probability is the rate rounded to 1/65536 and `_dropout_scale` uses it exactly. With
         `_exact_dropout_mask` the mask is drawn as `keras.layers.Dropout` draws it (a float32
         uniform >= rate), the same mask as stock `MultiHeadAttention` with the same seed.
         """
@@ -300,26 +300,18 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
         if self._exact_dropout_mask:
             noise = keras.random.uniform(shape, dtype=dtype, seed=seed)
             return ops.greater_equal(noise, ops.cast(self._dropout, dtype))
-        *lead, keys = shape
-        pairs = (keys + 1) // 2
-        # A static trailing axis of 1, so that `view` works when the lengths are dynamic.
-        bits = keras.random.randint(
-            (*lead, pairs, 1), minval=-(2**31), maxval=2**31 - 1, dtype="int32", seed=seed
-        )
-        halves = ops.view(bits, "uint16")  # [..., pairs, 2]
-        halves = ops.reshape(halves, (*lead, 2 * pairs))[..., :keys]  # [..., S]
-        return ops.greater_equal(halves, ops.cast(self._drop_threshold, "uint16"))
+        return keep_mask(shape, self._dropout, seed)
 
     @property
     def _drop_threshold(self):
         """The 16-bit threshold below which a weight is dropped (fast mask)."""
-        return min(65535, round(self._dropout * 65536))
+        return drop_threshold(self._dropout)
 
     def _dropout_scale(self):
         """Inverted-dropout factor: 1 / P(keep) of the mask `_dropout_keep_mask` draws."""
         if self._exact_dropout_mask:
             return 1.0 / (1.0 - self._dropout)
-        return 65536.0 / (65536 - self._drop_threshold)
+        return keep_scale(self._dropout)
 
     def _kept_values(self, kept, dtype):
         """`[B, N, S]` kept keys as a `[B, S, N, 1]` factor for the values."""
