@@ -306,3 +306,56 @@ def test_mixed_precision_scores_in_float32(policy):
     counts = details["kept"].numpy().sum(-1)
     expected = np.array([num_kept_keys(0.5, int(n)) for n in km.sum(-1)])
     np.testing.assert_array_equal(counts, np.repeat(expected[:, None], HEADS, axis=1))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("cross", [False, True])
+def test_plain_matmul_projections_equal_the_stock_route(policy, cross, monkeypatch):
+    # `call` computes the four projections as 2-D matmuls; outputs and every gradient equal
+    # the stock MultiHeadAttention route (EinsumDense), which it falls back to otherwise.
+    keras.config.set_dtype_policy(policy)
+    rng = np.random.default_rng(3)
+    query = tf.constant(rng.normal(size=(3, 7, 16)).astype("float32"))
+    value = tf.constant(rng.normal(size=(3, 9 if cross else 7, 12 if cross else 16)))
+    value = tf.cast(value, "float32")
+    mask = tf.constant(rng.random((3, 7, value.shape[1])) > 0.2)
+    layer = KeySparseAttention(num_heads=2, key_dim=8, sparsity=0.5)
+    layer.build(query.shape, value.shape)
+    # Non-zero biases too (they start at zero).
+    layer.set_weights([rng.normal(size=w.shape) * 0.3 for w in layer.get_weights()])
+    routes = []
+
+    def spy(*args, **kwargs):
+        routes.append(original(*args, **kwargs))
+        return routes[-1]
+
+    original = layer._plain_projections
+    monkeypatch.setattr(layer, "_plain_projections", spy)
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch([query, value])
+            out = tf.cast(layer(query, value, attention_mask=mask), "float32")
+            loss = tf.reduce_sum(out * tf.range(out.shape[-1], dtype="float32"))
+        grads = tape.gradient(loss, [query, value, *layer.trainable_weights])
+        return [np.asarray(t, "float32") for t in (out, *grads)]
+
+    plain = run()
+    assert routes == [True]
+    monkeypatch.setattr(layer, "_plain_projections", lambda *a: False)
+    stock = run()
+    tol = 1e-5 if policy == "float32" else 2e-2
+    for a, b in zip(plain, stock):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * (1 + np.abs(b).max()))
+
+
+def test_requests_the_plain_route_cannot_serve_take_the_stock_call():
+    layer = KeySparseAttention(num_heads=2, key_dim=8, sparsity=0.5)
+    x = np.random.default_rng(0).normal(size=(2, 5, 16)).astype("float32")
+    out, scores = layer(x, x, return_attention_scores=True)
+    assert out.shape == (2, 5, 16) and scores.shape == (2, 2, 5, 5)
+    assert not layer._plain_projections((x, x, x), (None, None, None), True)
+    assert not layer._plain_projections((x, x, x), (np.ones((2, 5), bool), None, None), False)
+    assert layer._plain_projections((x, x, x), (None, None, None), False)
+    masked = keras.layers.Masking()(np.pad(x, ((0, 0), (0, 2), (0, 0))))
+    assert not layer._plain_projections((masked, x, x), (None, None, None), False)
