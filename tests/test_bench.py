@@ -54,11 +54,14 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
     out = tmp_path / "bench.json"
     report = bench.run_benchmark(output=out, progress=None)
     kinds = [c["kind"] for c in calls]
-    # train 16 + 32, their XLA/precision twins, inference (+ XLA twin), latency (plain and
-    # through the serving graph), 4 attention runs, the pipeline: each a separate child.
+    # train 16 + 32, their XLA/precision twins, inference (+ XLA twin), latency (plain,
+    # through the serving graph, and that with one thread per op), 4 attention runs, the
+    # pipeline: each a separate child.
     assert kinds.count("train") == 4 and kinds.count("infer") == 2
-    assert kinds.count("attention") == 4 and kinds.count("latency") == 2
-    assert [c.get("serving") for c in calls if c["kind"] == "latency"] == [None, "crop"]
+    assert kinds.count("attention") == 4 and kinds.count("latency") == 3
+    latency = [c for c in calls if c["kind"] == "latency"]
+    assert [c.get("serving") for c in latency] == [None, "crop", "crop"]
+    assert latency[2]["intra_threads"] == 1 and latency[2]["inter_threads"] >= 1
     assert kinds.count("pipeline") == 1
     assert sorted({c["batch"] for c in calls if c["kind"] == "train"}) == [16, 32]
     assert {c["jit"] for c in calls if c["kind"] == "train"} == {True, False}
@@ -88,6 +91,7 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
         "train_throughput_b16": True,
         "latency_b1": True,
         "latency_b1_serving": True,
+        "latency_b1_serving_inter": True,
         "train_peak_rss_b32": True,  # 8.0 / 15.4 GiB
         "attention_fwd": True,
         "attention_fwd_bwd": True,
