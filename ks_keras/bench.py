@@ -71,6 +71,13 @@ TARGETS = {
 }
 
 MEASURES = ("train", "infer", "latency", "attention", "xla", "precision", "pipeline")
+# The batch-1 latency measures: (measure name = ratio and target key, summary key in ms,
+# table label).
+LATENCY_MEASURES = (
+    ("latency_b1", "latency_ms", "latency ms, batch 1"),
+    ("latency_b1_serving", "latency_serving_ms", "latency ms, batch 1, serving graph"),
+    ("latency_b1_serving_inter", "latency_serving_inter_ms", "  same, 1 intra-op thread/op"),
+)
 # Not run by default (adds a traced run): `--only profile` or `--profile`.
 OPTIONAL_MEASURES = ("profile",)
 RESULT_PREFIX = "KS_BENCH_RESULT "
@@ -859,12 +866,9 @@ def summarize(
     )
     summary["trainable_params"] = params
     summary["infer_samples_per_s"] = get(f"infer_b{p['infer_batch']}")
-    latency = get("latency_b1", "median_s")
-    summary["latency_ms"] = None if latency is None else 1000 * latency
-    latency = get("latency_b1_serving", "median_s")
-    summary["latency_serving_ms"] = None if latency is None else 1000 * latency
-    latency = get("latency_b1_serving_inter", "median_s")
-    summary["latency_serving_inter_ms"] = None if latency is None else 1000 * latency
+    for name, key, _ in LATENCY_MEASURES:
+        latency = get(name, "median_s")
+        summary[key] = None if latency is None else 1000 * latency
     summary["train_peak_rss_gib"] = get(f"train_b{big}", "peak_rss_gib")
 
     c = summary["comparisons"]
@@ -930,9 +934,8 @@ def summarize(
     r["infer_throughput_b32"] = _ratio(
         summary["infer_samples_per_s"], ref["infer_samples_per_s"]["32"]
     )
-    r["latency_b1"] = _ratio(summary["latency_ms"], ref["latency_ms"])
-    r["latency_b1_serving"] = _ratio(summary["latency_serving_ms"], ref["latency_ms"])
-    r["latency_b1_serving_inter"] = _ratio(summary["latency_serving_inter_ms"], ref["latency_ms"])
+    for name, key, _ in LATENCY_MEASURES:
+        r[name] = _ratio(summary[key], ref["latency_ms"])
     r["train_peak_rss_b32"] = _ratio(summary["train_peak_rss_gib"], ref["train_peak_rss_gib"])
     r["trainable_params"] = _ratio(params, ref["trainable_params"])
 
@@ -950,11 +953,7 @@ def summarize(
         "train_throughput_b16": check(
             r.get(f"train_throughput_b{small}"), t["train_throughput_ratio_min"], False
         ),
-        "latency_b1": check(r["latency_b1"], t["latency_ratio_max"], True),
-        "latency_b1_serving": check(r["latency_b1_serving"], t["latency_ratio_max"], True),
-        "latency_b1_serving_inter": check(
-            r["latency_b1_serving_inter"], t["latency_ratio_max"], True
-        ),
+        **{name: check(r[name], t["latency_ratio_max"], True) for name, _, _ in LATENCY_MEASURES},
         "train_peak_rss_b32": check(r["train_peak_rss_b32"], t["peak_rss_ratio_max"], True),
         "attention_fwd": check(c["attention"]["ratio_fwd"], t["key_sparse_vs_dense_max"], True),
         "attention_fwd_bwd": check(
@@ -1007,33 +1006,16 @@ def format_table(report: dict[str, Any]) -> str:
             "",
         )
     )
-    rows.append(
-        (
-            "latency ms, batch 1",
-            _fmt(s["latency_ms"], ".1f"),
-            _fmt(ref["latency_ms"], ".0f"),
-            _fmt(s["vs_reference"].get("latency_b1")),
-            f"<= {TARGETS['latency_ratio_max']}",
+    for name, key, label in LATENCY_MEASURES:
+        rows.append(
+            (
+                label,
+                _fmt(s.get(key), ".1f"),
+                _fmt(ref["latency_ms"], ".0f"),
+                _fmt(s["vs_reference"].get(name)),
+                f"<= {TARGETS['latency_ratio_max']}",
+            )
         )
-    )
-    rows.append(
-        (
-            "latency ms, batch 1, serving graph",
-            _fmt(s.get("latency_serving_ms"), ".1f"),
-            _fmt(ref["latency_ms"], ".0f"),
-            _fmt(s["vs_reference"].get("latency_b1_serving")),
-            f"<= {TARGETS['latency_ratio_max']}",
-        )
-    )
-    rows.append(
-        (
-            "  same, 1 intra-op thread/op",
-            _fmt(s.get("latency_serving_inter_ms"), ".1f"),
-            _fmt(ref["latency_ms"], ".0f"),
-            _fmt(s["vs_reference"].get("latency_b1_serving_inter")),
-            f"<= {TARGETS['latency_ratio_max']}",
-        )
-    )
     rows.append(
         (
             "peak RSS GiB, train batch 32",
