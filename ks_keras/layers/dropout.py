@@ -61,7 +61,9 @@ def keep_mask(shape, rate: float, seed_generator):
     # A static trailing axis of 1, so that `view` works when the lengths are dynamic.
     bits = _random_int32((*lead, pairs, 1), seed_generator)
     halves = ops.view(bits, "uint16")  # [..., pairs, 2]
-    halves = ops.reshape(halves, (*lead, 2 * pairs))[..., :size]
+    halves = ops.reshape(halves, (*lead, 2 * pairs))
+    if not isinstance(size, int) or size % 2:
+        halves = halves[..., :size]  # an odd (or unknown) size drops the last spare half
     return ops.greater_equal(halves, ops.cast(drop_threshold(rate), "uint16"))
 
 
