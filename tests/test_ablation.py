@@ -38,14 +38,32 @@ def test_ablation_grid_on_a_tiny_corpus(tmp_path):
     e2e = _load("e2e", ROOT / "tests" / "test_evaluation_e2e.py")
     _cfg, _corpus = e2e._cfg, e2e._corpus
     manifest = _corpus(tmp_path, speakers=("a", "b", "c"), per_class=2)
-    cfg = _cfg(tmp_path, manifest, "model.modalities=[audio, text]", "model.text_dim=384",
-               "model.text_d_model=16", "model.text_ffn_dim=8", "data.text_max_len=8",
-               "train.epochs=1")
+    cfg = _cfg(
+        tmp_path,
+        manifest,
+        "model.modalities=[audio, text]",
+        "model.text_dim=384",
+        "model.text_d_model=16",
+        "model.text_ffn_dim=8",
+        "data.text_max_len=8",
+        "train.epochs=1",
+    )
     path = tmp_path / "cfg.yaml"
     save_config(cfg, path)
     ablation = _load_script()
-    rc = ablation.run(["--config", str(path), "--tables", "1,2", "--max-folds", "1",
-                       "--no-progress", "--out-dir", str(tmp_path / "abl")])
+    rc = ablation.run(
+        [
+            "--config",
+            str(path),
+            "--tables",
+            "1,2",
+            "--max-folds",
+            "1",
+            "--no-progress",
+            "--out-dir",
+            str(tmp_path / "abl"),
+        ]
+    )
     assert rc == 0
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert "n_ccab = 3" in table and "FEM + MIM + DFM" in table and "0.753" in table

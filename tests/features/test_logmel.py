@@ -49,15 +49,16 @@ def test_log_floor_on_silence(ext):
     np.testing.assert_allclose(f, np.log(1e-6), rtol=1e-6)
 
 
-def test_batch_padding_never_changes_valid_frames_and_graph_matches(ext):
+def test_batch_padding_never_changes_valid_frames_and_graph_matches(ext, f32_close):
     rng = np.random.default_rng(0)
     waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 7000, 1234)]
     single = [ext.extract([w])[0] for w in waves]
     batched = ext.extract(waves)
+    # Same values up to float32 rounding: a padded batch may take other kernel paths.
     for a, b in zip(single, batched):
-        np.testing.assert_array_equal(a, b)
+        f32_close(a, b)
     # The pure-TF function inside a tf.function (as in a SavedModel signature), on a padded
-    # batch, gives exactly the numbers of `extract`; padded frames and mask are zero.
+    # batch, gives the numbers of `extract` (up to rounding); padded frames and mask are zero.
     padded = np.zeros((3, 16000), np.float32)
     for i, w in enumerate(waves):
         padded[i, : len(w)] = w
@@ -71,7 +72,7 @@ def test_batch_padding_never_changes_valid_frames_and_graph_matches(ext):
     for i, s in enumerate(single):
         n = s.shape[0]
         assert mask[i].sum() == n and mask[i, :n].all()
-        np.testing.assert_array_equal(feats[i, :n], s)
+        f32_close(feats[i, :n], s)
         assert not feats[i, n:].any()
 
 

@@ -310,7 +310,7 @@ def test_mixed_precision_scores_in_float32(policy):
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 @pytest.mark.parametrize("cross", [False, True])
-def test_plain_matmul_projections_equal_the_stock_route(policy, cross, monkeypatch):
+def test_plain_matmul_projections_equal_the_stock_route(policy, cross, monkeypatch, f32_close):
     # `call` computes the four projections as 2-D matmuls; outputs and every gradient equal
     # the stock MultiHeadAttention route (EinsumDense), which it falls back to otherwise.
     keras.config.set_dtype_policy(policy)
@@ -344,9 +344,15 @@ def test_plain_matmul_projections_equal_the_stock_route(policy, cross, monkeypat
     assert routes == [True]
     monkeypatch.setattr(layer, "_plain_projections", lambda *a: False)
     stock = run()
-    tol = 1e-5 if policy == "float32" else 2e-2
+    # The two routes sum in other orders (2-D vs batched matmuls, other kernels per CPU).
+    # Every array comes from one loss, so rounding is relative to the largest magnitude of
+    # any of them; a gradient entry near zero is a sum of terms of that size (cancellation).
+    scale = max(float(np.abs(b).max()) for b in stock)
     for a, b in zip(plain, stock):
-        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * (1 + np.abs(b).max()))
+        if policy == "float32":
+            f32_close(a, b, scale=scale, ulps=256)
+        else:  # float16 compute: rounding steps of 2**-10
+            np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2 * (1 + np.abs(b).max()))
 
 
 def test_requests_the_plain_route_cannot_serve_take_the_stock_call():
