@@ -1,10 +1,21 @@
-"""Classical baseline for context in every report: eGeMAPS functionals + linear SVM.
+"""Classical baseline for context in every report: openSMILE functionals + SVM, on the same folds.
 
-eGeMAPSv02 functionals (88 per utterance, openSMILE via the optional PyPI package `opensmile`,
-extra `baseline`) feed a standardised linear SVM. The SVM's C is chosen by grouped
-cross-validation **on the training speakers only** (validation speakers included, test fold
-never), then the model is refit on all training speakers and scored on the test fold, fold by
-fold, on exactly the folds the neural model uses.
+eGeMAPSv02 (88 per utterance, default) or ComParE_2016 (6373) functionals from openSMILE (the
+optional PyPI package `opensmile`, extra `baseline`) feed a standardised linear (default) or
+RBF SVM with balanced class weights.
+
+**Fair by construction.** The functionals get the normalisation the model's audio features get
+(`eval.baseline.normalize: auto` follows `features.audio.normalize`):
+
+- `speaker`: every speaker's functionals are z-normalised with that speaker's own statistics
+  (all of its utterances, labels never used; test speakers included), exactly as the model's
+  frames are;
+- `global` / `none`: no per-speaker step; the SVM pipeline standardises with the training
+  speakers' statistics, as it always does.
+
+The SVM's C is chosen by grouped cross-validation **on the training speakers only**
+(validation speakers included, test fold never), then the model is refit on all training
+speakers and scored on the test fold, fold by fold, on exactly the folds the neural model uses.
 """
 
 from __future__ import annotations
@@ -23,34 +34,72 @@ from ks_keras.audio import load_audio
 from ks_keras.corpora.manifest import Corpus
 from ks_keras.folds import Fold
 
-C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+C_GRIDS = {
+    "linear_svm": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
+    "rbf_svm": (0.1, 1.0, 10.0, 100.0),
+}
+FEATURE_SETS = {"egemaps": "eGeMAPSv02", "compare": "ComParE_2016"}
+CLASSIFIERS = {"linear_svm": "linear SVM", "rbf_svm": "RBF SVM"}
+# Kept for callers of the first version.
 FEATURE_SET = "eGeMAPSv02 functionals"
+C_GRID = C_GRIDS["linear_svm"]
 
 
 def opensmile_available() -> bool:
     return importlib.util.find_spec("opensmile") is not None
 
 
-def egemaps_features(corpus: Corpus, cache_dir: str | Path, progress: bool = True) -> np.ndarray:
-    """`[N, 88]` eGeMAPSv02 functionals in corpus order, cached as `.npz` under `cache_dir`.
+def describe(feature_set: str = "egemaps", classifier: str = "linear_svm", normalize="none"):
+    """One line naming a baseline, e.g. 'eGeMAPSv02 functionals + linear SVM, per-speaker z'."""
+    norm = {
+        "speaker": "per-speaker z-normalised",
+        "global": "standardised on training speakers",
+        "none": "no speaker normalisation",
+    }[normalize]
+    return f"{FEATURE_SETS[feature_set]} functionals + {CLASSIFIERS[classifier]} ({norm})"
 
-    Extraction runs in a separate Python process: openSMILE's native library corrupts the heap
-    when it is loaded after TensorFlow in the same process ("malloc(): invalid size"), and the
-    evaluation process has TensorFlow loaded.
+
+def functionals(
+    corpus: Corpus, cache_dir: str | Path, feature_set: str = "egemaps", progress: bool = True
+) -> np.ndarray:
+    """`[N, D]` openSMILE functionals in corpus order, cached as `.npz` under `cache_dir`.
+
+    The cache file is keyed on the feature set and on every utterance's id, path, size and
+    modification time, so edited audio is extracted again. Extraction runs in a separate
+    Python process: openSMILE's native library corrupts the heap when it is loaded after
+    TensorFlow in the same process ("malloc(): invalid size"), and the evaluation process has
+    TensorFlow loaded.
 
     Raises:
         ImportError: when `opensmile` is not installed (`pip install -e ".[baseline]"`).
+        ValueError: an unknown feature set.
         RuntimeError: when the extraction process fails (its error output is included).
     """
+    if feature_set not in FEATURE_SETS:
+        raise ValueError(
+            f"eval.baseline.features: expected one of {sorted(FEATURE_SETS)}, got {feature_set!r}"
+        )
     if not opensmile_available():
         raise ImportError("opensmile is not installed: pip install -e '.[baseline]'")
     items = [[u.id, u.path] for u in corpus.utterances]
-    key = hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / f"egemaps_{key}.npz"
+    stamps = []
+    for _, path in items:
+        try:
+            st = os.stat(path)
+            stamps.append([st.st_size, st.st_mtime_ns])
+        except OSError:
+            stamps.append(None)
+    key = hashlib.sha256(json.dumps([feature_set, items, stamps]).encode()).hexdigest()[:16]
+    prefix = "egemaps" if feature_set == "egemaps" else f"functionals_{feature_set}"
+    cache = Path(cache_dir) / f"{prefix}_{key}.npz"
     if not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         job = cache.with_name(cache.name + ".job.json")
-        job.write_text(json.dumps({"items": items, "out": str(cache), "progress": progress}))
+        job.write_text(
+            json.dumps(
+                {"items": items, "out": str(cache), "progress": progress, "set": feature_set}
+            )
+        )
         done = subprocess.run(
             [sys.executable, "-m", "ks_keras.baseline", str(job)],
             stderr=None if progress else subprocess.PIPE,
@@ -61,26 +110,34 @@ def egemaps_features(corpus: Corpus, cache_dir: str | Path, progress: bool = Tru
         if done.returncode != 0 or not cache.is_file():
             detail = (done.stderr or "").strip().splitlines()[-5:] if done.stderr else []
             raise RuntimeError(
-                "eGeMAPS extraction failed" + (": " + " | ".join(detail) if detail else "")
+                f"{FEATURE_SETS[feature_set]} extraction failed"
+                + (": " + " | ".join(detail) if detail else "")
             )
     with np.load(cache) as stored:
         if list(stored["ids"]) != corpus.ids:
-            raise RuntimeError(f"{cache}: cached eGeMAPS ids do not match the corpus; delete it")
+            raise RuntimeError(f"{cache}: cached functional ids do not match the corpus; delete it")
         return stored["features"]
 
 
+def egemaps_features(corpus: Corpus, cache_dir: str | Path, progress: bool = True) -> np.ndarray:
+    """`[N, 88]` eGeMAPSv02 functionals in corpus order (see `functionals`)."""
+    return functionals(corpus, cache_dir, "egemaps", progress)
+
+
 def _extract_job(job_path: str) -> None:
-    """Child-process side of `egemaps_features` (no TensorFlow in this process)."""
+    """Child-process side of `functionals` (no TensorFlow in this process)."""
     import opensmile
     from tqdm import tqdm
 
     job = json.loads(Path(job_path).read_text())
+    feature_set = job.get("set", "egemaps")
     smile = opensmile.Smile(
-        feature_set=opensmile.FeatureSet.eGeMAPSv02,
+        feature_set=getattr(opensmile.FeatureSet, FEATURE_SETS[feature_set]),
         feature_level=opensmile.FeatureLevel.Functionals,
     )
     rows = []
-    for _, path in tqdm(job["items"], desc="eGeMAPS", unit="utt", disable=not job["progress"]):
+    desc = f"{FEATURE_SETS[feature_set]} functionals"
+    for _, path in tqdm(job["items"], desc=desc, unit="utt", disable=not job["progress"]):
         wave = load_audio(path, sample_rate=16000)
         rows.append(smile.process_signal(wave, 16000).to_numpy()[0])
     out = Path(job["out"])
@@ -89,54 +146,114 @@ def _extract_job(job_path: str) -> None:
     os.replace(tmp, out)
 
 
-def _fit_svm(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int):
-    """Standardise + LinearSVC; C picked by grouped CV (UA) on these speakers only."""
-    from sklearn.metrics import balanced_accuracy_score
-    from sklearn.model_selection import GroupKFold
+def speaker_normalize(features: np.ndarray, speakers) -> np.ndarray:
+    """z-normalise each speaker's rows with that speaker's own mean and std (labels unused).
+
+    Constant columns of a speaker (std 0) become 0. A speaker with one utterance gets zeros.
+    """
+    features = np.asarray(features, np.float64)
+    speakers = np.asarray(speakers)
+    out = np.zeros_like(features)
+    for s in np.unique(speakers):
+        rows = speakers == s
+        mean = features[rows].mean(axis=0)
+        std = features[rows].std(axis=0)
+        out[rows] = (features[rows] - mean) / np.where(std > 1e-12, std, 1.0)
+    return out.astype(np.float32)
+
+
+def _make_classifier(kind: str, c: float, seed: int):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
+    from sklearn.svm import SVC, LinearSVC
 
-    def make(c):
-        return make_pipeline(
-            StandardScaler(),
-            LinearSVC(C=c, class_weight="balanced", max_iter=20000, random_state=seed),
+    if kind == "linear_svm":
+        clf = LinearSVC(C=c, class_weight="balanced", max_iter=20000, random_state=seed)
+    elif kind == "rbf_svm":
+        clf = SVC(C=c, kernel="rbf", gamma="scale", class_weight="balanced", random_state=seed)
+    else:
+        raise ValueError(
+            f"eval.baseline.classifier: expected one of {sorted(C_GRIDS)}, got {kind!r}"
         )
+    return make_pipeline(StandardScaler(), clf)
 
+
+def _fit_svm(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, kind="linear_svm"):
+    """Standardise + SVM; C picked by grouped CV (UA) on these speakers only."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import GroupKFold
+
+    grid = C_GRIDS.get(kind)
+    if grid is None:
+        raise ValueError(
+            f"eval.baseline.classifier: expected one of {sorted(C_GRIDS)}, got {kind!r}"
+        )
     n_groups = len(set(groups.tolist()))
-    best_c, best_score = C_GRID[0], -1.0
-    if n_groups >= 2:
-        splitter = GroupKFold(n_splits=min(5, n_groups))
-        for c in C_GRID:
-            truth, pred = [], []
-            for tr, va in splitter.split(x, y, groups):
-                if len(set(y[tr].tolist())) < 2:
-                    continue
-                truth.append(y[va])
-                pred.append(make(c).fit(x[tr], y[tr]).predict(x[va]))
-            if truth:
-                score = balanced_accuracy_score(np.concatenate(truth), np.concatenate(pred))
-                if score > best_score:
-                    best_c, best_score = c, score
-    return make(best_c).fit(x, y), best_c
+    best_c, best_score = grid[0], -1.0
+    with warnings.catch_warnings():
+        # A large C may stop at max_iter; it is then simply a worse candidate.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if n_groups >= 2:
+            splitter = GroupKFold(n_splits=min(5, n_groups))
+            for c in grid:
+                truth, pred = [], []
+                for tr, va in splitter.split(x, y, groups):
+                    if len(set(y[tr].tolist())) < 2:
+                        continue
+                    truth.append(y[va])
+                    pred.append(_make_classifier(kind, c, seed).fit(x[tr], y[tr]).predict(x[va]))
+                if truth:
+                    score = balanced_accuracy_score(np.concatenate(truth), np.concatenate(pred))
+                    if score > best_score:
+                        best_c, best_score = c, score
+        return _make_classifier(kind, best_c, seed).fit(x, y), best_c
 
 
 def run_baseline(
-    corpus: Corpus, folds: list[Fold], features: np.ndarray, seed: int = 0
+    corpus: Corpus,
+    folds: list[Fold],
+    features: np.ndarray,
+    seed: int = 0,
+    classifier: str = "linear_svm",
+    normalize: str = "none",
 ) -> list[dict]:
     """Train/score the SVM on each fold.
+
+    Args:
+        corpus: the utterances (features in corpus order).
+        folds: the folds the neural model uses.
+        features: `[N, D]` functionals.
+        seed: classifier seed.
+        classifier: `linear_svm` or `rbf_svm`.
+        normalize: `speaker` z-normalises each speaker with its own statistics first (what
+            `features.audio.normalize: speaker` gives the model); `global` / `none` leave the
+            features as they are (the pipeline standardises on the training speakers).
 
     Returns:
         Per fold: `{"fold", "name", "y_true", "y_pred", "C"}` (class ids as numpy arrays).
     """
+    if normalize not in ("none", "global", "speaker"):
+        raise ValueError(
+            f"eval.baseline.normalize: expected none, global or speaker, got {normalize!r}"
+        )
     index = {utt_id: i for i, utt_id in enumerate(corpus.ids)}
     labels = corpus.label_ids()
     speaker = np.array([u.speaker for u in corpus.utterances])
+    features = np.asarray(features, np.float32)
+    if features.shape[0] != len(corpus.ids):
+        raise ValueError(
+            f"run_baseline: {features.shape[0]} feature rows for {len(corpus.ids)} utterances"
+        )
+    if normalize == "speaker":
+        features = speaker_normalize(features, speaker)
     results = []
     for fold in folds:
         train = np.array([index[i] for i in fold.train_ids + fold.val_ids])
         test = np.array([index[i] for i in fold.test_ids])
-        model, c = _fit_svm(features[train], labels[train], speaker[train], seed)
+        model, c = _fit_svm(features[train], labels[train], speaker[train], seed, classifier)
         results.append(
             {
                 "fold": fold.index,

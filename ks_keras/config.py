@@ -16,6 +16,7 @@ cfg.model.n_ccab  # 2
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,22 @@ from typing import Any, Literal
 import yaml
 
 MODALITIES = ("audio", "text")
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation of the audio features (off at evaluation; all 0 = none).
+
+    SpecAugment-style: `time_masks` spans of up to `time_mask_frames` frames and `freq_masks`
+    bands of up to `freq_mask_bins` feature dimensions are zeroed per sample, and Gaussian
+    noise of `noise_std` is added (features are normalised, so 0 is the mean).
+    """
+
+    time_masks: int = 0
+    time_mask_frames: int = 0
+    freq_masks: int = 0
+    freq_mask_bins: int = 0
+    noise_std: float = 0.0
 
 
 @dataclass
@@ -73,6 +90,13 @@ class ModelConfig:
     head_units: list[int] = field(default_factory=lambda: [768, 384])
     head_dropout: float = 0.5
     num_classes: int = 4
+    # Utterance-level functionals of the (normalised, augmented) audio input frames, fed to
+    # the head next to the pooled Transformer outputs, e.g. [mean, std, p10, p50, p90,
+    # delta_abs_mean]; [] = none (the paper). They pass a BatchNormalization and a dropout.
+    audio_functionals: list[str] = field(default_factory=list)
+    functionals_dropout: float = 0.0
+    # Training-time augmentation of the audio input (identity at evaluation and in exports).
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 def padding_invariant(m: ModelConfig) -> bool:
@@ -92,7 +116,10 @@ def padding_invariant(m: ModelConfig) -> bool:
 class AudioFeatureConfig:
     """Audio front-end: built-in log-mel or a local Hugging Face speech model."""
 
-    type: Literal["logmel", "hf"] = "logmel"
+    # logmel: built-in log-mel (in-graph); hf: a local speech model; opensmile: openSMILE
+    # low-level descriptors (eGeMAPSv02 or ComParE_2016) on the log-mel frame grid;
+    # logmel+opensmile: both, concatenated per frame.
+    type: Literal["logmel", "hf", "opensmile", "logmel+opensmile"] = "logmel"
     sample_rate: int = 16000
     # log-mel
     n_mels: int = 80
@@ -102,6 +129,11 @@ class AudioFeatureConfig:
     mel_fmin: float = 20.0
     mel_fmax: float | None = None  # None = sample_rate / 2
     normalize: Literal["none", "global", "speaker"] = "none"
+    # opensmile (types opensmile, logmel+opensmile): the LLD set (eGeMAPSv02: 25 per frame,
+    # ComParE_2016: 65) and whether first-order regression deltas are appended. The LLDs
+    # (10 ms hop) are averaged onto the frames that win_ms / hop_ms define.
+    opensmile_set: Literal["egemaps", "compare"] = "egemaps"
+    opensmile_deltas: bool = False
     # hf
     model_path: str | None = None
     layer: int | list[int] = -1
@@ -166,7 +198,24 @@ class TrainConfig:
     seed: int = 123
     deterministic: bool = False
     early_stopping_patience: int = 0  # 0 = off
+    # Seed ensemble: train this many models (seeds seed, seed + 1000, …) and average their
+    # probabilities; `train` saves them as one model, `evaluate` scores the average.
+    ensemble: int = 1
     output_dir: str = "runs"
+
+
+@dataclass
+class BaselineConfig:
+    """The classical baseline every report shows next to the model (same folds)."""
+
+    # openSMILE functionals: eGeMAPSv02 (88) or ComParE_2016 (6373).
+    features: Literal["egemaps", "compare"] = "egemaps"
+    classifier: Literal["linear_svm", "rbf_svm"] = "linear_svm"
+    # auto = the model's features.audio.normalize (a fair comparison); speaker = per-speaker
+    # z-normalised functionals; none/global = no per-speaker step.
+    normalize: Literal["auto", "none", "global", "speaker"] = "auto"
+    # Also report the baseline without per-speaker normalisation (a second row).
+    unnormalized_row: bool = True
 
 
 @dataclass
@@ -179,6 +228,7 @@ class EvalConfig:
     repeats: int = 1
     max_folds: int | None = None
     report_dir: str = "reports"
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
 
 @dataclass
@@ -348,6 +398,26 @@ def _check(cond: bool, field_name: str, expectation: str, value: Any) -> None:
         raise ValueError(f"{field_name}: expected {expectation}, got {value!r}")
 
 
+FUNCTIONALS = ("mean", "std", "min", "max", "delta_abs_mean", "delta_std")
+
+
+def check_functionals(stats) -> list[str]:
+    """Validate `model.audio_functionals` names: mean, std, min, max, pNN (percentile 0-99),
+    delta_abs_mean, delta_std. Returns them as a list; raises ValueError naming the bad one."""
+    out = []
+    for name in stats:
+        percentile = isinstance(name, str) and re.fullmatch(r"p\d{1,2}", name) is not None
+        if not isinstance(name, str) or not (name in FUNCTIONALS or percentile):
+            raise ValueError(
+                f"model.audio_functionals: unknown functional {name!r}; expected any of "
+                f"{', '.join(FUNCTIONALS)} or pNN (a percentile, e.g. p10, p50, p90)"
+            )
+        if name in out:
+            raise ValueError(f"model.audio_functionals: {name!r} is listed twice")
+        out.append(name)
+    return out
+
+
 def validate_config(cfg: Config) -> None:
     """Cross-field and range checks; raises ValueError naming the field."""
     m = cfg.model
@@ -384,6 +454,24 @@ def validate_config(cfg: Config) -> None:
     _check(0.0 <= m.head_dropout < 1.0, "model.head_dropout", "a rate in [0, 1)", m.head_dropout)
     _check(m.layer_norm_eps > 0, "model.layer_norm_eps", "a positive number", m.layer_norm_eps)
     _check(all(u >= 1 for u in m.head_units), "model.head_units", "positive widths", m.head_units)
+    if m.audio_functionals:
+        check_functionals(m.audio_functionals)
+        _check(
+            "audio" in m.modalities,
+            "model.audio_functionals",
+            "an audio modality (model.modalities has no 'audio')",
+            m.audio_functionals,
+        )
+    _check(
+        0.0 <= m.functionals_dropout < 1.0,
+        "model.functionals_dropout",
+        "a rate in [0, 1)",
+        m.functionals_dropout,
+    )
+    a = m.augment
+    for name in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins"):
+        _check(getattr(a, name) >= 0, f"model.augment.{name}", "an integer >= 0", getattr(a, name))
+    _check(a.noise_std >= 0, "model.augment.noise_std", "a number >= 0", a.noise_std)
 
     d = cfg.data
     _check(d.audio_max_len >= 1, "data.audio_max_len", "an integer >= 1", d.audio_max_len)
@@ -411,6 +499,7 @@ def validate_config(cfg: Config) -> None:
     )
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", "an integer >= 0", t.warmup_epochs)
     _check(0 <= t.momentum < 1, "train.momentum", "a value in [0, 1)", t.momentum)
+    _check(1 <= t.ensemble <= 100, "train.ensemble", "an integer in [1, 100]", t.ensemble)
 
     e = cfg.eval
     _check(e.val_speakers >= 0, "eval.val_speakers", "an integer >= 0", e.val_speakers)

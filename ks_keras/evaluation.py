@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from ks_keras.baseline import FEATURE_SET, egemaps_features, opensmile_available, run_baseline
+from ks_keras.baseline import describe, functionals, opensmile_available, run_baseline
 from ks_keras.config import Config, save_config
 from ks_keras.corpora.manifest import Corpus
+from ks_keras.ensemble import member_seed
 from ks_keras.folds import Fold, make_folds
 from ks_keras.info import package_versions
 from ks_keras.metrics import compute_metrics, normalize_confusion
@@ -57,6 +58,10 @@ class FoldResult:
     best_epoch: int | None
     history: dict[str, list[float]]
     seconds: float
+    # Best monitored validation value of each ensemble member (empty if never finite).
+    val_values: list[float] = field(default_factory=list)
+    # Test-fold class probabilities [n_test, C] (the ensemble's mean).
+    probs: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -113,7 +118,69 @@ def summarize(cv: CVResult) -> dict:
         "confusion_normalized": normalize_confusion(confusion).tolist(),
     }
     if cv.baseline is not None and cv.baseline.get("folds"):
-        out["baseline"] = {k: v for k, v in cv.baseline.items() if k != "folds"}
+        out["baseline"] = {
+            k: v for k, v in cv.baseline.items() if k not in ("folds", "predictions", "C")
+        }
+        comparison = compare_with_baseline(cv)
+        if comparison is not None:
+            out["comparison"] = comparison
+    return out
+
+
+def compare_with_baseline(cv: CVResult) -> dict | None:
+    """Model vs the (fair) baseline on the same folds and utterances.
+
+    Per fold (speaker): the model's UA as mean ± std over repeats next to the baseline's UA;
+    how many folds the model wins / loses / ties, with the exact sign test; and a paired
+    bootstrap interval of the pooled UA difference (utterances resampled within folds).
+    None when the report has no baseline predictions.
+    """
+    from ks_keras.stats import paired_bootstrap_ua, sign_test
+
+    base = cv.baseline or {}
+    predictions = base.get("predictions")
+    if "skipped" in base or not predictions or not cv.results:
+        return None
+    predictions = {int(k): v for k, v in predictions.items()}
+    base_folds = {int(k): v for k, v in base["folds"].items()}
+    folds = [f for f in cv.folds if f.index in predictions and f.index in base_folds]
+    per_fold, wins, losses = [], 0, 0
+    for fold in folds:
+        uas = [r.metrics["ua"] for r in cv.results if r.fold.index == fold.index]
+        if not uas:
+            continue
+        mean, base_ua = float(np.mean(uas)), float(base_folds[fold.index]["ua"])
+        wins += mean > base_ua + 1e-9
+        losses += mean < base_ua - 1e-9
+        per_fold.append(
+            {
+                "fold": fold.index,
+                "name": fold.name,
+                "model_ua_mean": mean,
+                "model_ua_std": float(np.std(uas)),
+                "baseline_ua": base_ua,
+            }
+        )
+    repeats = sorted({r.repeat for r in cv.results})
+    by_key = {(r.repeat, r.fold.index): r for r in cv.results}
+    complete = [rep for rep in repeats if all((rep, f.index) in by_key for f in folds)]
+    out = {
+        "per_fold": per_fold,
+        "wins": int(wins),
+        "losses": int(losses),
+        "ties": len(per_fold) - int(wins) - int(losses),
+        "sign_test_p": sign_test(int(wins), int(losses)),
+    }
+    if complete and folds:
+        y_true = np.concatenate([by_key[(complete[0], f.index)].y_true for f in folds])
+        model_preds = np.stack(
+            [np.concatenate([by_key[(rep, f.index)].y_pred for f in folds]) for rep in complete]
+        )
+        base_pred = np.concatenate([np.asarray(predictions[f.index]) for f in folds])
+        groups = np.concatenate([np.full(len(f.test_ids), f.index) for f in folds])
+        out["bootstrap"] = paired_bootstrap_ua(
+            y_true, model_preds, base_pred, len(cv.labels), groups=groups, seed=cv.config.train.seed
+        )
     return out
 
 
@@ -136,29 +203,65 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def baseline_metrics(
-    corpus: Corpus, folds: list[Fold], cache_dir: str | Path, seed: int = 0, progress: bool = True
-) -> dict:
-    """eGeMAPS + SVM on the same folds; `{"skipped": reason}` without opensmile."""
-    if not opensmile_available():
-        return {
-            "skipped": "opensmile is not installed (pip install -e '.[baseline]')",
-            "method": f"{FEATURE_SET} + linear SVM",
-        }
-    features = egemaps_features(corpus, cache_dir, progress=progress)
-    rows = run_baseline(corpus, folds, features, seed=seed)
+def baseline_normalization(cfg: Config) -> str:
+    """The normalisation the baseline gets: `eval.baseline.normalize`, where `auto` means the
+    model's own `features.audio.normalize` (a fair comparison)."""
+    mode = cfg.eval.baseline.normalize
+    return cfg.features.audio.normalize if mode == "auto" else mode
+
+
+def _baseline_row(corpus, folds, features, seed, classifier, normalize, feature_set) -> dict:
+    rows = run_baseline(
+        corpus, folds, features, seed=seed, classifier=classifier, normalize=normalize
+    )
     n = len(corpus.labels)
     truth = np.concatenate([r["y_true"] for r in rows])
     pred = np.concatenate([r["y_pred"] for r in rows])
     pooled = compute_metrics(truth, pred, n)
     per_fold = {r["fold"]: compute_metrics(r["y_true"], r["y_pred"], n) for r in rows}
     return {
-        "method": f"{FEATURE_SET} + linear SVM (C chosen on training speakers)",
+        "method": describe(feature_set, classifier, normalize) + ", C chosen on training speakers",
+        "normalize": normalize,
         "wa": pooled["wa"],
         "ua": pooled["ua"],
         "macro_f1": pooled["macro_f1"],
         "folds": {k: {m: v[m] for m in ("wa", "ua", "macro_f1")} for k, v in per_fold.items()},
+        "predictions": {r["fold"]: np.asarray(r["y_pred"]).tolist() for r in rows},
+        "C": {r["fold"]: r["C"] for r in rows},
     }
+
+
+def baseline_metrics(
+    corpus: Corpus,
+    folds: list[Fold],
+    cache_dir: str | Path,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    feature_set: str = "egemaps",
+    classifier: str = "linear_svm",
+    normalize: str = "none",
+    unnormalized_row: bool = False,
+) -> dict:
+    """The classical baseline on the same folds; `{"skipped": reason}` without opensmile.
+
+    Returns the row with the requested normalisation (the fair one when `normalize` is the
+    model's) with pooled `wa`/`ua`/`macro_f1`, per-fold metrics and predictions; with
+    `unnormalized_row` and a normalised main row, also `"unnormalized"`: the same without the
+    per-speaker step.
+    """
+    if not opensmile_available():
+        return {
+            "skipped": "opensmile is not installed (pip install -e '.[baseline]')",
+            "method": describe(feature_set, classifier, normalize),
+        }
+    features = functionals(corpus, cache_dir, feature_set, progress=progress)
+    out = _baseline_row(corpus, folds, features, seed, classifier, normalize, feature_set)
+    if unnormalized_row and normalize == "speaker":
+        out["unnormalized"] = _baseline_row(
+            corpus, folds, features, seed, classifier, "none", feature_set
+        )
+    return out
 
 
 def cross_validate(
@@ -189,10 +292,6 @@ def cross_validate(
     Returns:
         A `CVResult` (pass it to `write_report`).
     """
-    from ks_keras.data import make_dataset
-    from ks_keras.model import build_model
-    from ks_keras.training import balanced_class_weights, fit
-
     protocol = protocol or cfg.eval.protocol
     repeats = repeats or cfg.eval.repeats
     eval_cfg = replace(cfg.eval, protocol=protocol, repeats=repeats)
@@ -218,52 +317,38 @@ def cross_validate(
                 f"val {len(fold.val_ids)} ({', '.join(fold.val_speakers) or 'test fold'}), "
                 f"test {len(fold.test_ids)}"
             )
-            fold_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
             started = time.perf_counter()
-
             normalizer = fold_normalizer(cfg, cache, corpus, fold)
-
-            def dataset(ids, shuffle, seed=seed, fold_cfg=fold_cfg, normalizer=normalizer):
-                return make_dataset(
-                    cache,
-                    ids,
-                    [label_of[i] for i in ids],
-                    fold_cfg.data,
-                    batch_size=fold_cfg.train.batch_size,
-                    shuffle=shuffle,
-                    seed=seed,
-                    modalities=fold_cfg.model.modalities,
-                    normalizer=normalizer,
-                    speaker_of=speaker_of,
-                    num_classes=fold_cfg.model.num_classes,
+            members = []
+            for j in range(cfg.train.ensemble):
+                fold_cfg = replace(cfg, train=replace(cfg.train, seed=member_seed(seed, j)))
+                tag = f"repeat{r}_fold{fold.index}" + (f"_member{j}" if j else "")
+                if cfg.train.ensemble > 1:
+                    log(f"    member {j + 1}/{cfg.train.ensemble} (seed {fold_cfg.train.seed})")
+                members.append(
+                    _fit_fold_member(
+                        fold_cfg,
+                        cache,
+                        fold,
+                        label_of,
+                        speaker_of,
+                        normalizer,
+                        protocol,
+                        run_dir / "runs" / tag,
+                        verbose,
+                    )
                 )
-
-            train_ds = dataset(fold.train_ids, True)
-            test_ds = dataset(fold.test_ids, False)
-            val_ds = dataset(fold.val_ids, False) if protocol == "honest" else test_ds
-            class_weight = None
-            if cfg.data.class_weights:
-                class_weight = balanced_class_weights(
-                    [label_of[i] for i in fold.train_ids], cfg.model.num_classes
-                )
-            result = fit(
-                lambda fold_cfg=fold_cfg: build_model(fold_cfg),
-                train_ds,
-                val_ds,
-                fold_cfg,
-                run_dir / "runs" / f"repeat{r}_fold{fold.index}",
-                class_weight=class_weight,
-                monitor="val_ua",
-                verbose=verbose,
-            )
-            logits = result.model.predict(test_ds, verbose=0)
+            result = members[0][0]
+            probs = np.mean([p for _, p in members], axis=0)
             y_true = np.array([label_of[i] for i in fold.test_ids])
-            y_pred = np.argmax(logits, axis=-1)
+            y_pred = np.argmax(probs, axis=-1)
             metrics = compute_metrics(y_true, y_pred, cfg.model.num_classes)
             seconds = time.perf_counter() - started
+            best_values = [m[0].best_value for m in members if m[0].best_value is not None]
+            val_note = f"val UA {np.mean(best_values):.3f}" if best_values else "no finite val UA"
             log(
                 f"    best epoch {None if result.best_epoch is None else result.best_epoch + 1}"
-                f" (val UA {result.best_value:.3f}); test WA {metrics['wa']:.3f} "
+                f" ({val_note}); test WA {metrics['wa']:.3f} "
                 f"UA {metrics['ua']:.3f} F1 {metrics['macro_f1']:.3f} [{seconds:.0f}s]"
             )
             results.append(
@@ -277,6 +362,8 @@ def cross_validate(
                     result.best_epoch,
                     result.history,
                     seconds,
+                    best_values,
+                    probs,
                 )
             )
             last_model = result.model
@@ -293,6 +380,63 @@ def cross_validate(
     except Exception as e:  # a plot must never sink a finished evaluation
         log(f"    (attention plot skipped: {e})")
     return cv
+
+
+def _fit_fold_member(
+    fold_cfg: Config,
+    cache,
+    fold: Fold,
+    label_of: dict[str, int],
+    speaker_of: dict[str, str],
+    normalizer,
+    protocol: str,
+    run_dir: Path,
+    verbose,
+):
+    """Train one model on a fold; returns `(FitResult, test probabilities [n_test, C])`."""
+    from ks_keras.data import make_dataset
+    from ks_keras.model import build_model
+    from ks_keras.training import balanced_class_weights, fit
+
+    seed = fold_cfg.train.seed
+
+    def dataset(ids, shuffle):
+        return make_dataset(
+            cache,
+            ids,
+            [label_of[i] for i in ids],
+            fold_cfg.data,
+            batch_size=fold_cfg.train.batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            modalities=fold_cfg.model.modalities,
+            normalizer=normalizer,
+            speaker_of=speaker_of,
+            num_classes=fold_cfg.model.num_classes,
+        )
+
+    train_ds = dataset(fold.train_ids, True)
+    test_ds = dataset(fold.test_ids, False)
+    val_ds = dataset(fold.val_ids, False) if protocol == "honest" else test_ds
+    class_weight = None
+    if fold_cfg.data.class_weights:
+        class_weight = balanced_class_weights(
+            [label_of[i] for i in fold.train_ids], fold_cfg.model.num_classes
+        )
+    result = fit(
+        lambda: build_model(fold_cfg),
+        train_ds,
+        val_ds,
+        fold_cfg,
+        run_dir,
+        class_weight=class_weight,
+        monitor="val_ua",
+        verbose=verbose,
+    )
+    logits = np.asarray(result.model.predict(test_ds, verbose=0), np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    probs = np.exp(logits)
+    return result, probs / probs.sum(axis=-1, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,22 +528,36 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
+def _baseline_line(b: dict) -> str:
+    return (
+        f"  baseline      WA {b['wa']:.3f}           UA {b['ua']:.3f}"
+        f"           F1 {b['macro_f1']:.3f}   ({b['method']})"
+    )
+
+
 def results_table(cv: CVResult, summary: dict | None = None) -> str:
-    """Plain-text table: one row per fold (first repeat's folds averaged over repeats)."""
+    """Plain-text table: one row per fold (mean ± std over repeats), the pooled figures, the
+    baseline(s) on the same folds, and how the model compares with the (fair) baseline."""
     summary = summary or summarize(cv)
     baseline_folds = (cv.baseline or {}).get("folds") or {}
+    baseline_folds = {int(k): v for k, v in baseline_folds.items()}
+    several = cv.repeats > 1
     lines = [cv.title]
     if cv.protocol == "paper":
         lines.append(PAPER_PROTOCOL_NOTE)
-    header = f"{'fold':<22}{'test':>6}{'WA':>8}{'UA':>8}{'F1':>8}"
+    ua_head = "UA ± sd" if several else "UA"
+    header = f"{'fold':<22}{'test':>6}{'WA':>8}{ua_head:>{16 if several else 8}}{'F1':>8}"
     if baseline_folds:
         header += f"{'base UA':>10}"
     lines += [header, "-" * len(header)]
     for fold in cv.folds:
         rows = [r for r in cv.results if r.fold.index == fold.index]
         m = {k: np.mean([r.metrics[k] for r in rows]) for k in ("wa", "ua", "macro_f1")}
+        ua = f"{m['ua']:.3f}"
+        if several:
+            ua = f"{m['ua']:.3f} ± {np.std([r.metrics['ua'] for r in rows]):.3f}"
         line = (
-            f"{fold.name:<22}{len(fold.test_ids):>6}{m['wa']:>8.3f}{m['ua']:>8.3f}"
+            f"{fold.name:<22}{len(fold.test_ids):>6}{m['wa']:>8.3f}{ua:>{16 if several else 8}}"
             f"{m['macro_f1']:>8.3f}"
         )
         if baseline_folds:
@@ -409,17 +567,32 @@ def results_table(cv: CVResult, summary: dict | None = None) -> str:
     lines.append("-" * len(header))
     p = summary["pooled"]
     lines.append(f"overall (pooled over folds, mean ± std over {cv.repeats} repeat(s)):")
-    lines.append(
-        f"  KS-T + CCAB   WA {_fmt(p['wa'])}   UA {_fmt(p['ua'])}   F1 {_fmt(p['macro_f1'])}"
-    )
+    ensemble = cv.config.train.ensemble
+    name = "KS-T + CCAB" if ensemble == 1 else f"KS-T + CCAB, {ensemble}-seed ensemble"
+    lines.append(f"  {name}")
+    lines.append(f"  {'':<12}  WA {_fmt(p['wa'])}   UA {_fmt(p['ua'])}   F1 {_fmt(p['macro_f1'])}")
     if cv.baseline:
         if "skipped" in cv.baseline:
             lines.append(f"  baseline      skipped: {cv.baseline['skipped']}")
         else:
-            b = cv.baseline
+            lines.append(_baseline_line(cv.baseline))
+            if cv.baseline.get("unnormalized"):
+                lines.append(_baseline_line(cv.baseline["unnormalized"]))
+    comparison = summary.get("comparison")
+    if comparison:
+        n = len(comparison["per_fold"])
+        lines.append(
+            f"model vs baseline ({cv.baseline.get('normalize', 'none')} normalisation, same "
+            f"folds): better on {comparison['wins']} of {n} folds, worse on "
+            f"{comparison['losses']} (sign test p = {comparison['sign_test_p']:.3f})"
+        )
+        boot = comparison.get("bootstrap")
+        if boot:
             lines.append(
-                f"  baseline      WA {b['wa']:.3f}           UA {b['ua']:.3f}"
-                f"           F1 {b['macro_f1']:.3f}   ({b['method']})"
+                f"  pooled UA difference {boot['diff']:+.3f}, "
+                f"{boot['confidence']:.0%} paired bootstrap interval "
+                f"[{boot['low']:+.3f}, {boot['high']:+.3f}] "
+                f"(test utterances resampled within folds, {boot['n_boot']} sets)"
             )
     return "\n".join(lines)
 
@@ -669,13 +842,19 @@ def evaluate_corpus(
 
     base = None
     if baseline:
-        log("classical baseline (eGeMAPS + linear SVM) on the same folds ...")
+        b = cfg.eval.baseline
+        method = describe(b.features, b.classifier, baseline_normalization(cfg))
+        log(f"classical baseline ({method}) on the same folds ...")
         base = baseline_metrics(
             corpus,
             folds,
             Path(cfg.features.cache_dir) / "baseline",
             seed=cfg.train.seed,
             progress=progress,
+            feature_set=b.features,
+            classifier=b.classifier,
+            normalize=baseline_normalization(cfg),
+            unnormalized_row=b.unnormalized_row,
         )
     cv = cross_validate(
         cfg,

@@ -3,6 +3,10 @@
 inputs → FEM (5 vanilla Transformer layers per modality) → MIM (N CCABs per direction, K/V
 from the other modality's FEM output, one skip) → DFM (2 KS-Transformer layers per branch)
 → masked mean pooling → concatenation → MLP head → logits.
+
+Options beyond the paper (off by default): training-time augmentation of the audio input
+(`model.augment`) and utterance-level functionals of the audio frames concatenated with the
+pooled outputs (`model.audio_functionals`).
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import keras
 
 from ks_keras.config import Config, ModelConfig, validate_config
 from ks_keras.layers import (
+    FeatureAugment,
     MaskedMeanPooling,
     ModalityInteraction,
     SinusoidalPositionalEncoding,
     TransformerLayer,
+    UtteranceFunctionals,
 )
 
 INPUT_NAMES = ("audio", "audio_mask", "text", "text_mask")
@@ -54,6 +60,29 @@ def model_inputs(m: ModelConfig) -> dict[str, keras.KerasTensor]:
         inputs[modality] = keras.Input((None, dim), dtype="float32", name=modality)
         inputs[f"{modality}_mask"] = keras.Input((None,), dtype="int32", name=f"{modality}_mask")
     return inputs
+
+
+def augmentation(m: ModelConfig, x, mask):
+    """Training-time masks/noise on the audio input (`model.augment`); identity otherwise."""
+    a = m.augment
+    layer = FeatureAugment(
+        time_masks=a.time_masks,
+        time_mask_frames=a.time_mask_frames,
+        freq_masks=a.freq_masks,
+        freq_mask_bins=a.freq_mask_bins,
+        noise_std=a.noise_std,
+        name="audio_augment",
+    )
+    return layer(x, padding_mask=mask) if layer.active else x
+
+
+def utterance_functionals(m: ModelConfig, x, mask):
+    """Statistics of the audio input frames (`model.audio_functionals`) for the head."""
+    f = UtteranceFunctionals(m.audio_functionals, name="audio_functionals")(x, padding_mask=mask)
+    f = keras.layers.BatchNormalization(name="functionals_norm")(f)
+    if m.functionals_dropout > 0:
+        f = keras.layers.Dropout(m.functionals_dropout, name="functionals_dropout")(f)
+    return f
 
 
 def feature_extraction(m: ModelConfig, modality: str, x, mask):
@@ -133,8 +162,11 @@ def build_model(config: Config | ModelConfig, name: str = "ks_transformer") -> k
 
     inputs = model_inputs(m)
     masks = {mod: inputs[f"{mod}_mask"] for mod in m.modalities}
+    features = {mod: inputs[mod] for mod in m.modalities}
+    if "audio" in features:
+        features["audio"] = augmentation(m, features["audio"], masks["audio"])
 
-    fem = {mod: feature_extraction(m, mod, inputs[mod], masks[mod]) for mod in m.modalities}
+    fem = {mod: feature_extraction(m, mod, features[mod], masks[mod]) for mod in m.modalities}
 
     multimodal = len(m.modalities) == 2
     if multimodal and m.use_mim and m.n_ccab > 0:
@@ -156,6 +188,8 @@ def build_model(config: Config | ModelConfig, name: str = "ks_transformer") -> k
         )
         for mod in m.modalities
     ]
+    if m.audio_functionals:
+        pooled.append(utterance_functionals(m, features["audio"], masks["audio"]))
     fused = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="fusion")(pooled)
     logits = classifier_head(m, fused)
     return keras.Model(inputs=inputs, outputs=logits, name=name)

@@ -7,7 +7,9 @@ Besides what `training.fit` writes (see `ks_keras.training`), the run folder get
 
 ```
 best.keras + best.keras.json   the best epoch as a plain float32 model + the sidecar that
-                               `ks-keras export` / `ks-keras predict` read
+                               `ks-keras export` / `ks-keras predict` read; with
+                               `train.ensemble: N`, one model averaging the N members'
+                               probabilities (member k > 1 trains in `member_<k>/`)
 split.json                     training and validation speakers and utterance counts
 val_metrics.json               WA, UA, macro-F1 and confusion on the validation speakers
 norm_stats.json                audio normalisation statistics (when features.audio.normalize)
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 from ks_keras.corpora.manifest import Corpus
@@ -105,6 +108,7 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     import keras
 
     from ks_keras.data import compute_norm_stats, make_dataset
+    from ks_keras.ensemble import ensemble_model, member_seed
     from ks_keras.export import write_model_sidecar
     from ks_keras.features.cache import extract_corpus
     from ks_keras.metrics import compute_metrics
@@ -122,7 +126,7 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
         norm_ids = train_ids if mode == "global" else train_ids + val_ids
         normalizer = compute_norm_stats(cache, norm_ids, mode, speaker_of)
 
-    def dataset(ids, shuffle):
+    def dataset(ids, shuffle, seed=cfg.train.seed):
         return make_dataset(
             cache,
             ids,
@@ -130,34 +134,52 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
             cfg.data,
             batch_size=cfg.train.batch_size,
             shuffle=shuffle,
-            seed=cfg.train.seed,
+            seed=seed,
             modalities=modalities,
             normalizer=normalizer,
             speaker_of=speaker_of,
             num_classes=cfg.model.num_classes,
         )
 
+    def member_dataset(ids, member_cfg):
+        return dataset(ids, True, seed=member_cfg.train.seed)
+
     class_weight = None
     if cfg.data.class_weights:
         class_weight = balanced_class_weights(corpus.label_ids(train_ids), cfg.model.num_classes)
     run_dir = Path(args.run_dir or Path(cfg.train.output_dir) / "train")
     val_ds = dataset(val_ids, False)
-    result = fit(
-        lambda: build_model(cfg),
-        dataset(train_ids, True),
-        val_ds,
-        cfg,
-        run_dir,
-        class_weight=class_weight,
-        monitor="val_ua",
-        strategy=strategy,
-    )
+    n_members = cfg.train.ensemble
+    results = []
+    for j in range(n_members):
+        # Member 0 is the run itself (run-folder layout unchanged); others get a subfolder.
+        member_cfg = replace(cfg, train=replace(cfg.train, seed=member_seed(cfg.train.seed, j)))
+        if n_members > 1:
+            print(f"ensemble member {j + 1}/{n_members} (seed {member_cfg.train.seed})", flush=True)
+        results.append(
+            fit(
+                lambda member_cfg=member_cfg: build_model(member_cfg),
+                dataset(train_ids, True) if j == 0 else member_dataset(train_ids, member_cfg),
+                val_ds,
+                member_cfg,
+                run_dir if j == 0 else run_dir / f"member_{j + 1}",
+                class_weight=class_weight,
+                monitor="val_ua",
+                strategy=strategy,
+            )
+        )
+    result = results[0]
 
     # A plain float32 copy of the best weights (no optimizer state, no strategy) for export,
-    # prediction and the validation report; predicting with it needs no collective ops.
+    # prediction and the validation report; predicting with it needs no collective ops. An
+    # ensemble becomes one model averaging its members' probabilities.
     keras.mixed_precision.set_global_policy("float32")
-    plain = build_model(cfg)
-    plain.set_weights(result.model.get_weights())
+    plains = []
+    for j, member in enumerate(results):
+        plain = build_model(cfg, name="ks_transformer" if n_members == 1 else f"member_{j + 1}")
+        plain.set_weights(member.model.get_weights())
+        plains.append(plain)
+    plain = plains[0] if n_members == 1 else ensemble_model(plains)
     pred = plain.predict(val_ds, verbose=0).argmax(-1)
     metrics = compute_metrics(corpus.label_ids(val_ids), pred, cfg.model.num_classes)
     is_chief, _ = worker_role(strategy)

@@ -115,6 +115,65 @@ def test_report_files(tmp_path):
     assert "baseline" in table and "UA" in table
 
 
+def _baseline_for(cv, right_fraction, seed=1):
+    """A baseline row with predictions on the report's folds (a given share right)."""
+    rng = np.random.default_rng(seed)
+    folds, predictions = {}, {}
+    for fold in cv.folds:
+        y_true = next(r.y_true for r in cv.results if r.fold.index == fold.index)
+        pred = np.where(rng.random(len(y_true)) < right_fraction, y_true, (y_true + 2) % 3)
+        predictions[fold.index] = pred.tolist()
+        folds[fold.index] = compute_metrics(y_true, pred, 3)
+    return {
+        "method": "eGeMAPSv02 functionals + linear SVM (per-speaker z-normalised)",
+        "normalize": "speaker",
+        "wa": 0.4,
+        "ua": 0.4,
+        "macro_f1": 0.4,
+        "folds": folds,
+        "predictions": predictions,
+        "unnormalized": {
+            "method": "eGeMAPSv02 functionals + linear SVM (no speaker normalisation)",
+            "wa": 0.3,
+            "ua": 0.3,
+            "macro_f1": 0.3,
+        },
+    }
+
+
+def test_comparison_with_the_fair_baseline_counts_folds_and_bootstraps(tmp_path):
+    cv = _cv(repeats=3)
+    cv.baseline = _baseline_for(cv, right_fraction=0.0)  # always wrong: the model must win
+    summary = summarize(cv)
+    comparison = summary["comparison"]
+    assert comparison["wins"] == len(cv.folds) and comparison["losses"] == 0
+    assert comparison["sign_test_p"] == pytest.approx(2 / 2 ** len(cv.folds))
+    boot = comparison["bootstrap"]
+    assert boot["low"] > 0 and boot["p_not_better"] == 0.0
+    assert boot["diff"] == pytest.approx(summary["pooled"]["ua"]["mean"] - 0.0)
+    per_fold = {row["fold"]: row for row in comparison["per_fold"]}
+    for fold in cv.folds:
+        uas = [r.metrics["ua"] for r in cv.results if r.fold.index == fold.index]
+        assert per_fold[fold.index]["model_ua_mean"] == pytest.approx(np.mean(uas))
+        assert per_fold[fold.index]["model_ua_std"] == pytest.approx(np.std(uas))
+    table = results_table(cv, summary)
+    assert f"better on {len(cv.folds)} of {len(cv.folds)} folds" in table
+    assert "bootstrap interval" in table and "UA ± sd" in table
+    assert "per-speaker z-normalised" in table and "no speaker normalisation" in table
+    # The report keeps the comparison and the per-fold baseline predictions out of the summary.
+    metrics = json.loads((write_report(cv, tmp_path / "r") / "metrics.json").read_text())
+    assert metrics["comparison"]["wins"] == len(cv.folds)
+    assert "predictions" not in metrics["pooled"] and "predictions" in metrics["baseline"]
+
+
+def test_a_baseline_that_is_always_right_wins_every_fold():
+    cv = _cv(repeats=2)
+    cv.baseline = _baseline_for(cv, right_fraction=1.0)
+    comparison = summarize(cv)["comparison"]
+    assert comparison["wins"] == 0 and comparison["losses"] == len(cv.folds)
+    assert comparison["bootstrap"]["high"] < 0
+
+
 def test_paper_protocol_is_labelled_everywhere(tmp_path):
     cv = _cv(protocol="paper", repeats=1)
     out = write_report(cv, tmp_path / "paper")

@@ -119,3 +119,49 @@ def test_split_speakers_balances_gender_and_checks_counts():
     assert split_speakers(corpus, 1, 3) == split_speakers(corpus, 1, 3)  # seeded
     with pytest.raises(ValueError, match="need at least 6"):
         split_speakers(corpus, 5, 0)
+
+
+def test_ensemble_training_saves_one_model_that_exports(tmp_path, capsys):
+    from ks_keras.ensemble import ensemble_members
+    from ks_keras.export import load_exported
+
+    config = _config(tmp_path, _write_corpus(tmp_path / "wav"), ensemble=2)
+    run_dir = tmp_path / "run"
+    rc = main(["train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "ensemble member 2/2" in out
+    assert (run_dir / "history.json").is_file() and (
+        run_dir / "member_2" / "history.json"
+    ).is_file()
+    model = keras.saving.load_model(run_dir / "best.keras")
+    members = ensemble_members(model)
+    assert [m.name for m in members] == ["member_1", "member_2"]
+    # The two members trained with different seeds: different weights.
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(members[0].get_weights(), members[1].get_weights(), strict=True)
+    )
+    rc = main(
+        [
+            "export",
+            "--model",
+            str(run_dir / "best.keras"),
+            "--base-dir",
+            str(tmp_path / "out"),
+            "--name",
+            "ens",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    exported = load_exported(tmp_path / "out" / "ens")
+    rng = np.random.default_rng(0)
+    inputs = {
+        "audio": rng.normal(size=(3, 40, 16)).astype("float32"),
+        "audio_mask": np.ones((3, 40), "int32"),
+    }
+    probs = exported.predict(inputs)["probabilities"]
+    member_probs = np.mean(
+        [keras.ops.convert_to_numpy(keras.ops.softmax(m(inputs), -1)) for m in members], axis=0
+    )
+    np.testing.assert_allclose(probs, member_probs, atol=1e-5)

@@ -33,7 +33,14 @@ def get_audio_extractor(cfg: AudioFeatureConfig) -> FeatureExtractor:
         from ks_keras.features.hf import HFAudioExtractor
 
         return HFAudioExtractor(cfg)
-    raise ValueError(f"features.audio.type: expected 'logmel' or 'hf', got {cfg.type!r}")
+    if cfg.type in ("opensmile", "logmel+opensmile"):
+        from ks_keras.features.opensmile_lld import OpenSmileLLDExtractor
+
+        return OpenSmileLLDExtractor(cfg)
+    raise ValueError(
+        "features.audio.type: expected 'logmel', 'hf', 'opensmile' or 'logmel+opensmile', "
+        f"got {cfg.type!r}"
+    )
 
 
 def get_text_extractor(cfg: TextFeatureConfig) -> FeatureExtractor:
@@ -48,6 +55,11 @@ def get_text_extractor(cfg: TextFeatureConfig) -> FeatureExtractor:
 def _audio_dim(audio: AudioFeatureConfig) -> int:
     if audio.type == "logmel":
         return audio.n_mels
+    if audio.type in ("opensmile", "logmel+opensmile"):
+        from ks_keras.features.opensmile_lld import LLD_DIMS
+
+        lld = LLD_DIMS[audio.opensmile_set] * (2 if audio.opensmile_deltas else 1)
+        return lld + (audio.n_mels if audio.type == "logmel+opensmile" else 0)
     from ks_keras.features.hf import _hidden_width, read_model_config, resolve_model_folder
 
     field = "features.audio.model_path"
