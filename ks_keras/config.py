@@ -198,6 +198,8 @@ class TrainConfig:
     seed: int = 123
     deterministic: bool = False
     early_stopping_patience: int = 0  # 0 = off
+    # Mixup of training batches (Beta(alpha, alpha) weights, labels mixed alike); 0 = off.
+    mixup_alpha: float = 0.0
     # Seed ensemble: train this many models (seeds seed, seed + 1000, …) and average their
     # probabilities; `train` saves them as one model, `evaluate` scores the average.
     ensemble: int = 1
@@ -500,6 +502,7 @@ def validate_config(cfg: Config) -> None:
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", "an integer >= 0", t.warmup_epochs)
     _check(0 <= t.momentum < 1, "train.momentum", "a value in [0, 1)", t.momentum)
     _check(1 <= t.ensemble <= 100, "train.ensemble", "an integer in [1, 100]", t.ensemble)
+    _check(t.mixup_alpha >= 0, "train.mixup_alpha", "a number >= 0 (0 = off)", t.mixup_alpha)
 
     e = cfg.eval
     _check(e.val_speakers >= 0, "eval.val_speakers", "an integer >= 0", e.val_speakers)

@@ -61,6 +61,9 @@ class UnweightedAverageRecall(keras.metrics.Metric):
                 f"{self.name}: expected predictions with {self.num_classes} classes in the "
                 f"last axis, got shape {tuple(y_pred.shape)}"
             )
+        y_true = ops.convert_to_tensor(y_true)
+        if len(y_true.shape) == 2 and y_true.shape[-1] == 3:  # packed mixup rows: [y, y', lam]
+            y_true = y_true[:, 0]
         y_true = ops.reshape(ops.cast(y_true, "int32"), (-1,))
         predicted = ops.reshape(ops.argmax(ops.reshape(y_pred, (-1, self.num_classes)), -1), (-1,))
         true_one_hot = ops.one_hot(y_true, self.num_classes, dtype=self.dtype)

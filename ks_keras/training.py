@@ -440,13 +440,17 @@ def compile_model(
             f"model output has {width} logits but n_classes={n_classes}; "
             "set model.num_classes to the number of labels"
         )
+    if train_cfg.mixup_alpha > 0:
+        from ks_keras.mixup import DominantLabelAccuracy, MixupCrossentropy
+
+        loss, accuracy = MixupCrossentropy(), DominantLabelAccuracy(name="accuracy")
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     model.compile(
         optimizer=make_optimizer(train_cfg, steps_per_epoch),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-            UnweightedAverageRecall(n_classes, name="ua"),
-        ],
+        loss=loss,
+        metrics=[accuracy, UnweightedAverageRecall(n_classes, name="ua")],
         jit_compile=bool(train_cfg.jit_compile),
     )
     return model
@@ -777,6 +781,13 @@ def fit(
             compile_model(model, train_cfg, steps_per_epoch, n_classes)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+
+    if train_cfg.mixup_alpha > 0:
+        from ks_keras.mixup import mix_batches
+
+        # Class weights move into the mixed batches' sample weights (packed labels).
+        train_ds = mix_batches(train_ds, train_cfg.mixup_alpha, train_cfg.seed, class_weight)
+        class_weight = None
 
     run_log = RunLog(work_dir, monitor)
     callbacks: list[keras.callbacks.Callback] = []

@@ -165,3 +165,51 @@ def test_ensemble_training_saves_one_model_that_exports(tmp_path, capsys):
         [keras.ops.convert_to_numpy(keras.ops.softmax(m(inputs), -1)) for m in members], axis=0
     )
     np.testing.assert_allclose(probs, member_probs, atol=1e-5)
+
+
+def test_mixup_trains_on_mixed_batches_and_scores_plain_labels(tmp_path, capsys):
+    import tensorflow as tf
+
+    from ks_keras.mixup import MixupCrossentropy, mix_batches
+
+    config = _config(tmp_path, _write_corpus(tmp_path / "wav"), mixup_alpha=0.4)
+    run_dir = tmp_path / "run"
+    rc = main(["train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"])
+    assert rc == 0, capsys.readouterr().out
+    history = json.loads((run_dir / "history.json").read_text())
+    assert all(np.isfinite(e["loss"]) and 0 <= e["val_ua"] <= 1 for e in history)
+
+    # The mixed batches: convex combinations, union masks, packed labels, seeded.
+    x = np.arange(4 * 3 * 2, dtype="float32").reshape(4, 3, 2)
+    mask = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], "int32")
+    labels = np.array([0, 1, 0, 1], "int32")
+    ds = tf.data.Dataset.from_tensors(({"audio": x, "audio_mask": mask}, labels))
+    (mixed, packed), again = [
+        next(iter(mix_batches(ds, 0.4, seed=7, class_weight=None))) for _ in range(2)
+    ]
+    np.testing.assert_array_equal(packed.numpy(), again[1].numpy())
+    lam = packed.numpy()[:, 2]
+    assert ((lam >= 0.5) & (lam <= 1)).all()
+    np.testing.assert_array_equal(packed.numpy()[:, 0], labels)
+    # Each mixed sample is lam * x[i] + (1 - lam) * x[j] for a partner j with label packed[1],
+    # and its mask the union of the two masks.
+    for i in range(4):
+        partners = [
+            j
+            for j in range(4)
+            if np.allclose(mixed["audio"].numpy()[i], lam[i] * x[i] + (1 - lam[i]) * x[j])
+        ]
+        assert partners, i
+        j = partners[0]
+        assert packed.numpy()[i, 1] == labels[j]
+        np.testing.assert_array_equal(mixed["audio_mask"].numpy()[i], np.maximum(mask[i], mask[j]))
+    # Packed labels give lam * CE(y) + (1 - lam) * CE(y'); plain labels plain CE.
+    logits = np.array([[2.0, 0.0], [0.0, 1.0]], "float32")
+    packed_rows = np.array([[0, 1, 0.7], [1, 1, 1.0]], "float32")
+    loss = MixupCrossentropy(reduction=None)
+    ce = -np.log(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
+    want = [0.7 * ce[0, 0] + 0.3 * ce[0, 1], ce[1, 1]]
+    np.testing.assert_allclose(np.asarray(loss(packed_rows, logits)), want, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(loss(np.array([0, 1]), logits)), [ce[0, 0], ce[1, 1]], rtol=1e-6
+    )
