@@ -51,11 +51,18 @@ def opensmile_available() -> bool:
 
 def describe(feature_set: str = "egemaps", classifier: str = "linear_svm", normalize="none"):
     """One line naming a baseline, e.g. 'eGeMAPSv02 functionals + linear SVM, per-speaker z'."""
-    norm = {
+    names = {
         "speaker": "per-speaker z-normalised",
         "global": "standardised on training speakers",
         "none": "no speaker normalisation",
-    }[normalize]
+    }
+    if normalize not in names or feature_set not in FEATURE_SETS or classifier not in CLASSIFIERS:
+        raise ValueError(
+            f"baseline: unknown setting (features {feature_set!r}, classifier {classifier!r}, "
+            f"normalize {normalize!r}); expected features in {sorted(FEATURE_SETS)}, classifier "
+            f"in {sorted(CLASSIFIERS)}, normalize in {sorted(names)}"
+        )
+    norm = names[normalize]
     return f"{FEATURE_SETS[feature_set]} functionals + {CLASSIFIERS[classifier]} ({norm})"
 
 

@@ -87,9 +87,9 @@ def paired_bootstrap_ua(
     )
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    eye = np.eye(n_classes, dtype=np.float32)
-    model_correct = (model_preds == y_true[None]).astype(np.float32)
-    base_correct = (base_pred == y_true).astype(np.float32)
+    eye = np.eye(n_classes)
+    model_correct = (model_preds == y_true[None]).astype(np.float64)
+    base_correct = (base_pred == y_true).astype(np.float64)
     diffs = []
     chunk = max(1, min(n_boot, 2_000_000 // max(1, n * n_classes)))
     done = 0
@@ -100,7 +100,9 @@ def paired_bootstrap_ua(
         model_ua = np.mean([_bootstrap_ua(c[idx], onehot) for c in model_correct], axis=0)
         diffs.append(model_ua - _bootstrap_ua(base_correct[idx], onehot))
         done += size
-    diffs = np.concatenate(diffs)
+    # Round away float noise so an exact tie in UA is a tie (not a 1e-17 win or loss).
+    diffs = np.round(np.concatenate(diffs), 12)
+    observed = round(observed, 12)
     tail = (1 - confidence) / 2
     return {
         "diff": observed,

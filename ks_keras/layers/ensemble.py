@@ -13,6 +13,11 @@ class MeanProbabilityLogits(keras.layers.Layer):
     Its softmax is the mean of the members' probabilities; its argmax is the ensemble's vote.
     """
 
+    def __init__(self, **kwargs):
+        # Averaging probabilities needs float32 (float16 would round the members' logits).
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+
     def call(self, inputs):
         if not isinstance(inputs, list | tuple) or not inputs:
             raise ValueError("MeanProbabilityLogits: expected a non-empty list of logits")

@@ -39,6 +39,8 @@ class UtteranceFunctionals(keras.layers.Layer):
     """
 
     def __init__(self, stats=("mean", "std"), **kwargs):
+        # Statistics are float32 whatever the policy (also what the symbolic output says).
+        kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         self.stats = check_functionals(stats)
         if not self.stats:
@@ -52,6 +54,8 @@ class UtteranceFunctionals(keras.layers.Layer):
             check_sequence_mask(inputs, padding_mask, "padding_mask")
             mask = ops.cast(padding_mask, "float32")
         weights = mask[:, :, None]
+        # Padded steps hold anything (even inf): zero them before any arithmetic.
+        x = ops.where(weights > 0, x, 0.0)
         count = ops.sum(mask, axis=1, keepdims=True)  # [B, 1]
         any_real = ops.cast(count > 0, "float32")
         safe = ops.maximum(count, 1.0)

@@ -1,0 +1,200 @@
+"""build_model options beyond the paper: audio functionals in the head, audio augmentation."""
+
+import keras
+import numpy as np
+import pytest
+
+from ks_keras.config import config_from_dict, padding_invariant
+from ks_keras.layers import FeatureAugment, UtteranceFunctionals
+from ks_keras.model import build_model
+
+DA, DT = 16, 24
+SMALL = [
+    f"model.audio_dim={DA}",
+    f"model.text_dim={DT}",
+    "model.num_heads=2",
+    "model.audio_ffn_dim=8",
+    "model.text_ffn_dim=8",
+    "model.n_fem=1",
+    "model.n_ccab=0",  # no MIM: keeps the tests fast; the options do not touch it
+    "model.n_dfm=0",
+    "model.head_units=[8]",
+    "model.num_classes=3",
+    "model.dropout=0.0",
+    "model.head_dropout=0.0",
+]
+FUNCTIONALS = "model.audio_functionals=[mean, std, p10, p50, p90, delta_abs_mean]"
+AUGMENT = [
+    "model.augment.time_masks=2",
+    "model.augment.time_mask_frames=3",
+    "model.augment.freq_masks=1",
+    "model.augment.freq_mask_bins=4",
+    "model.augment.noise_std=0.1",
+]
+
+
+def small_config(*extra):
+    return config_from_dict({}, SMALL + list(extra))
+
+
+def batch(b=3, ta=20, tt=5, seed=0, lengths=([20, 11, 6], [5, 2, 4])):
+    rng = np.random.default_rng(seed)
+    a_len, t_len = lengths
+    return {
+        "audio": rng.normal(size=(b, ta, DA)).astype("float32"),
+        "audio_mask": (np.arange(ta)[None] < np.asarray(a_len)[:, None]).astype("int32"),
+        "text": rng.normal(size=(b, tt, DT)).astype("float32"),
+        "text_mask": (np.arange(tt)[None] < np.asarray(t_len)[:, None]).astype("int32"),
+    }
+
+
+def test_default_model_has_neither_option():
+    names = [layer.name for layer in build_model(small_config()).layers]
+    assert "audio_functionals" not in names
+    assert "functionals_norm" not in names
+    assert "audio_augment" not in names
+
+
+def test_functionals_layers_and_head_width():
+    model = build_model(small_config(FUNCTIONALS, "model.functionals_dropout=0.2"))
+    layer = model.get_layer("audio_functionals")
+    assert isinstance(layer, UtteranceFunctionals)
+    assert layer.stats == ["mean", "std", "p10", "p50", "p90", "delta_abs_mean"]
+    assert isinstance(model.get_layer("functionals_norm"), keras.layers.BatchNormalization)
+    assert model.get_layer("functionals_dropout").rate == pytest.approx(0.2)
+    # The head sees both pooled branches (16 + 24) plus 6 statistics of the 16 audio channels.
+    assert model.get_layer("head_dense_1").kernel.shape == (DA + DT + 6 * DA, 8)
+    assert model(batch()).shape == (3, 3)
+
+
+def test_functionals_in_an_audio_only_model():
+    model = build_model(small_config("model.modalities=[audio]", "model.audio_functionals=[max]"))
+    assert model.get_layer("head_dense_1").kernel.shape == (DA + DA, 8)
+    data = {k: v for k, v in batch().items() if k.startswith("audio")}
+    assert np.isfinite(model(data).numpy()).all()
+
+
+def test_augment_layer_from_config():
+    model = build_model(small_config(*AUGMENT))
+    layer = model.get_layer("audio_augment")
+    assert isinstance(layer, FeatureAugment)
+    assert (layer.time_masks, layer.time_mask_frames) == (2, 3)
+    assert (layer.freq_masks, layer.freq_mask_bins) == (1, 4)
+    assert layer.noise_std == pytest.approx(0.1)
+
+
+def test_inactive_augment_config_adds_no_layer():
+    model = build_model(small_config("model.augment.time_masks=2"))  # width 0: nothing to do
+    assert "audio_augment" not in [layer.name for layer in model.layers]
+
+
+@pytest.mark.parametrize("extra", [[FUNCTIONALS], AUGMENT, [FUNCTIONALS, *AUGMENT]])
+def test_padding_values_do_not_change_predictions(extra):
+    model = build_model(small_config(*extra))
+    data = batch()
+    logits = model(data, training=False).numpy()
+    moved = dict(data)
+    moved["audio"] = np.where(data["audio_mask"][..., None] == 1, data["audio"], 1e3)
+    moved["text"] = np.where(data["text_mask"][..., None] == 1, data["text"], -1e3)
+    np.testing.assert_allclose(model(moved, training=False).numpy(), logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [[FUNCTIONALS], [FUNCTIONALS, *AUGMENT]])
+def test_options_keep_the_model_padding_invariant(extra):
+    # Export and `predict` crop requests after their last real step when padding_invariant.
+    cfg = small_config(*extra)
+    assert padding_invariant(cfg.model)
+    model = build_model(cfg)
+    data = batch(lengths=([9, 4, 7], [3, 2, 1]))
+    cropped = {k: v[:, : (9 if k.startswith("audio") else 3)] for k, v in data.items()}
+    np.testing.assert_allclose(
+        model(cropped, training=False).numpy(), model(data, training=False).numpy(), atol=1e-4
+    )
+
+
+def test_augment_changes_training_outputs_only():
+    data = batch()
+    plain = build_model(small_config())
+    # Without augmentation (and no dropout), training and inference agree: the control.
+    np.testing.assert_allclose(
+        plain(data, training=True).numpy(), plain(data, training=False).numpy(), atol=1e-5
+    )
+    model = build_model(small_config(*AUGMENT))
+    inference = model(data, training=False).numpy()
+    np.testing.assert_array_equal(model(data).numpy(), inference)
+    assert not np.allclose(model(data, training=True).numpy(), inference, atol=1e-4)
+
+
+def test_training_step_with_both_options():
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    cfg = small_config("model.modalities=[audio]", FUNCTIONALS, "model.functionals_dropout=0.1")
+    model = build_model(config_from_dict(cfg.to_dict(), AUGMENT))
+    data = batch(b=8, lengths=([20, 18, 15, 11, 9, 6, 4, 1], [5, 4, 3, 2, 1, 5, 4, 3]))
+    data = {k: v for k, v in data.items() if k.startswith("audio")}
+    labels = np.arange(8) % 3
+    norm = model.get_layer("functionals_norm")
+    moving_mean = np.array(norm.moving_mean)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape() as tape:
+        loss = loss_fn(labels, model(data, training=True))
+    grads = tape.gradient(loss, model.trainable_weights)
+    assert np.isfinite(float(loss))
+    assert all(g is not None and np.isfinite(np.asarray(g)).all() for g in grads)
+    # The statistics' normalisation learns (gamma/beta get gradients) and tracks batches.
+    [gamma] = [g for w, g in zip(model.trainable_weights, grads) if w is norm.gamma]
+    assert np.abs(np.asarray(gamma)).sum() > 0
+    assert not np.allclose(np.array(norm.moving_mean), moving_mean)
+
+
+def test_save_and_load_with_both_options(tmp_path):
+    model = build_model(small_config(FUNCTIONALS, *AUGMENT))
+    data = batch()
+    before = model(data, training=False).numpy()
+    path = tmp_path / "options.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_layer("audio_functionals").stats == model.get_layer("audio_functionals").stats
+    assert loaded.get_layer("audio_augment").get_config()["freq_mask_bins"] == 4
+    np.testing.assert_allclose(loaded(data, training=False).numpy(), before, atol=1e-6)
+
+
+def test_mixed_float16_model_with_options_runs():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = build_model(small_config(FUNCTIONALS, *AUGMENT))
+    out = model(batch(), training=False)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    assert np.isfinite(out.numpy()).all()
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["model.audio_functionals=[mean, kurtosis]"], "model.audio_functionals"),
+        (["model.audio_functionals=[p100]"], "model.audio_functionals"),
+        (["model.audio_functionals=[std, std]"], "model.audio_functionals"),
+        (
+            ["model.modalities=[text]", "model.audio_functionals=[mean]"],
+            "model.audio_functionals",
+        ),
+        (["model.functionals_dropout=1.0"], "model.functionals_dropout"),
+        (["model.augment.time_masks=-1"], "model.augment.time_masks"),
+        (["model.augment.time_mask_frames=-3"], "model.augment.time_mask_frames"),
+        (["model.augment.freq_masks=-1"], "model.augment.freq_masks"),
+        (["model.augment.freq_mask_bins=-1"], "model.augment.freq_mask_bins"),
+        (["model.augment.noise_std=-0.5"], "model.augment.noise_std"),
+        (["model.augment.time_masks=1.5"], "model.augment.time_masks"),
+        (["model.augment.warp=2"], "model.augment.warp"),
+    ],
+)
+def test_config_validation_rejects_bad_values(overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        small_config(*overrides)
+
+
+def test_config_accepts_options():
+    cfg = small_config(FUNCTIONALS, *AUGMENT)
+    assert cfg.model.audio_functionals == ["mean", "std", "p10", "p50", "p90", "delta_abs_mean"]
+    assert cfg.model.augment.noise_std == pytest.approx(0.1)
+    assert isinstance(cfg.model.augment.noise_std, float)
