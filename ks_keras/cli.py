@@ -119,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = prep.add_parser("iemocap", help="IEMOCAP official release → 4-class manifest")
     q.add_argument("--root", required=True, help="IEMOCAP_full_release folder")
     q.add_argument("--out", required=True, help="manifest CSV to write")
-    q.add_argument("--all-labels", action="store_true",
-                   help="keep every agreed label (excited not merged) instead of 4 classes")
+    q.add_argument(
+        "--all-labels",
+        action="store_true",
+        help="keep every agreed label (excited not merged) instead of 4 classes",
+    )
     q.set_defaults(target="ks_keras.corpora.iemocap:run_prepare_iemocap")
 
     p = sub.add_parser("evaluate", help="cross-validated training + test with a report folder")
@@ -136,28 +139,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(target="ks_keras.demo:run_demo")
 
-    p = sub.add_parser("tune", help="KerasTuner search on one fold's validation speakers, then "
-                       "retrain the best config, test it and export it")
+    p = sub.add_parser(
+        "tune",
+        help="KerasTuner search on one fold's validation speakers, then "
+        "retrain the best config, test it and export it",
+    )
     _add_config_args(p)
     p.add_argument("--space", required=True, help="search space YAML (tuning/paper_space.yaml)")
     p.add_argument("--tuner", choices=["random", "bayesian", "hyperband"], default="random")
-    p.add_argument("--trials", type=int, default=10, help="total trials of the project (a "
-                   "re-run resumes up to this number; Hyperband: a cap)")
-    p.add_argument("--project-dir", help="search folder (default "
-                   "<train.output_dir>/tune/<config>_<space>_<tuner>)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the project's earlier search instead of resuming it")
-    p.add_argument("--fold", type=int, default=0, help="which fold of eval.folds to tune on "
-                   "(default 0, the first); its test speakers are used once, after the search")
-    p.add_argument("--max-failures", type=int, default=3,
-                   help="stop after this many failed trials in a row (default 3)")
-    p.add_argument("--no-retrain", action="store_true",
-                   help="stop after the search (summary + best_config.yaml)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=10,
+        help="total trials of the project (a re-run resumes up to this number; Hyperband: a cap)",
+    )
+    p.add_argument(
+        "--project-dir",
+        help="search folder (default <train.output_dir>/tune/<config>_<space>_<tuner>)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the project's earlier search instead of resuming it",
+    )
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=0,
+        help="which fold of eval.folds to tune on "
+        "(default 0, the first); its test speakers are used once, after the search",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=3,
+        help="stop after this many failed trials in a row (default 3)",
+    )
+    p.add_argument(
+        "--no-retrain",
+        action="store_true",
+        help="stop after the search (summary + best_config.yaml)",
+    )
     p.add_argument("--no-export", action="store_true", help="retrain and test, do not export")
     p.add_argument("--export-dir", help="export root (default export.base_dir = saved_models)")
     p.add_argument("--export-name", help="exported model name (default export.name)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the export's fresh-process parity check")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip the export's fresh-process parity check"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(target="ks_keras.tuning:run_tune")
 
@@ -170,8 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one model; best epoch on held-out validation speakers")
     _add_config_args(p)
-    p.add_argument("--run-dir", help="run folder (default <train.output_dir>/train); "
-                   "re-run with the same folder to resume a killed run")
+    p.add_argument(
+        "--run-dir",
+        help="run folder (default <train.output_dir>/train); "
+        "re-run with the same folder to resume a killed run",
+    )
     p.add_argument("--no-progress", action="store_true", help="no feature-extraction progress bar")
     p.set_defaults(target="ks_keras.train_cli:run_train")
 
