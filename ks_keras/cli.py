@@ -2,14 +2,31 @@
 
 Parsers are declared here (cheap); each command's work lives in its module and is imported
 only when that command runs, so `ks-keras --help` does not pay for importing TensorFlow.
+
+Output is quiet by default: TensorFlow's C++ start-up lines (oneDNN notices, "Could not find
+cuda drivers", the `E0000 … cuInit … CUDA error` of a CPU-only machine) and the Hugging Face
+"Loading weights" bar are hidden; every command takes `--verbose` to show them (it also sets
+`KS_KERAS_VERBOSE=1` for the processes a command starts).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
+import re
 import sys
+
+# Commands whose parent process does not use TensorFlow (bench measures in child processes).
+_NO_TENSORFLOW = ("prepare", "bench")
+# The absl C++ log lines TensorFlow prints while it loads, before TF_CPP_MIN_LOG_LEVEL applies
+# ("I0000 00:00:1796195433.191025    7290 port.cc:153] oneDNN custom operations are on…").
+_TF_STARTUP_NOISE = re.compile(
+    r"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|To enable the following instructions: )"
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -101,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="send requests to TF Serving's gRPC API, e.g. localhost:8500",
     )
     p.add_argument("--model-name", help="served model name (default: the export's name)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="deadline of each request to TF Serving, whole exchange (default 60)",
+    )
     p.add_argument(
         "--model-version",
         type=int,
@@ -206,29 +230,119 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no feature-extraction progress bar")
     p.set_defaults(target="ks_keras.train_cli:run_train")
 
+    _add_verbose_args(parser)
     return parser
 
 
+def _add_verbose_args(parser: argparse.ArgumentParser) -> None:
+    """`--verbose` on every (sub)command that runs something."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbose_args(sub)
+    if parser.get_default("target") and not any(
+        "--verbose" in a.option_strings for a in parser._actions
+    ):
+        parser.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show TensorFlow's start-up log and library progress bars (hidden by default)",
+        )
+
+
+class _StderrHandler(logging.Handler):
+    """Messages of the `ks_keras` loggers, as plain lines on the current `sys.stderr`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # never let a log line break a command
+            self.handleError(record)
+
+
+def configure_output(verbose: bool) -> None:
+    """Quiet library chatter unless `verbose`; show `ks_keras` log messages on stderr.
+
+    Environment variables the user set explicitly are kept.
+    """
+    if verbose:
+        os.environ["KS_KERAS_VERBOSE"] = "1"
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    else:
+        # 3 also hides the E-level "failed call to cuInit" of a machine without a GPU.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logger = logging.getLogger("ks_keras")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its start-up INFO/WARNING log lines filtered out of stderr.
+
+    Those lines are written before TensorFlow reads TF_CPP_MIN_LOG_LEVEL. A forked filter
+    process forwards every other line at once, so a message TensorFlow prints before it aborts
+    (e.g. a CPU without the instructions it was built for) still reaches the user.
+    """
+    if "tensorflow" in sys.modules or not hasattr(os, "fork"):
+        return
+    try:
+        stderr_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced (captured, redirected)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the filter: runs until the parent's end of the pipe closes
+        try:
+            os.close(write_end)
+            with os.fdopen(read_end, "rb") as lines:
+                for line in lines:
+                    if not _TF_STARTUP_NOISE.match(line.decode("utf-8", "replace")):
+                        os.write(stderr_fd, line)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    saved = os.dup(stderr_fd)
+    os.dup2(write_end, stderr_fd)
+    os.close(write_end)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, stderr_fd)  # closes the pipe: the filter drains it and exits
+        os.close(saved)
+        os.waitpid(pid, 0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Keep TF's C++ start-up chatter out of user-facing output unless asked for.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "target", None):
         parser.print_help()
         return 2
-    module_name, func_name = args.target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
+    previous = os.environ.get("KS_KERAS_VERBOSE")
+    verbose = bool(getattr(args, "verbose", False)) or previous == "1"
     try:
-        result = func(args)
-    except (ValueError, FileNotFoundError) as e:
-        # Boundary errors are already worded for the user: no traceback.
-        print(f"ks-keras {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return int(result or 0)
+        configure_output(verbose)
+        if not verbose and args.command not in _NO_TENSORFLOW:
+            import_tensorflow_quietly()
+        module_name, func_name = args.target.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        try:
+            result = func(args)
+        except (ValueError, FileNotFoundError) as e:
+            # Boundary errors are already worded for the user: no traceback.
+            print(f"ks-keras {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        return int(result or 0)
+    finally:
+        if previous is None:  # main() may run several times in one process (tests)
+            os.environ.pop("KS_KERAS_VERBOSE", None)
 
 
 if __name__ == "__main__":

@@ -103,10 +103,10 @@ def describe_file(path: str | Path) -> str:
             return f"a damaged or truncated zip archive ({size} bytes)"
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-        if "config.json" in names and any(n.startswith("model.weights") for n in names):
+        if "config.json" in names:
             return "a Keras v3 archive"
         shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
-        return f"a zip archive without a Keras model's config.json and weights ({shown})"
+        return f"a zip archive without the config.json of a Keras model ({shown or 'empty'})"
     if head.startswith(b"\x1f\x8b"):
         return "a gzip-compressed file"
     if head.startswith((b"RIFF", b"fLaC", b"OggS")):
