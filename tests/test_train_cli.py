@@ -119,3 +119,16 @@ def test_split_speakers_balances_gender_and_checks_counts():
     assert split_speakers(corpus, 1, 3) == split_speakers(corpus, 1, 3)  # seeded
     with pytest.raises(ValueError, match="need at least 6"):
         split_speakers(corpus, 5, 0)
+
+
+def test_diverging_training_fails_naming_the_epoch_and_saves_no_model(tmp_path, capsys):
+    config = _config(tmp_path, _write_corpus(tmp_path / "wav"))
+    run_dir = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    rc = main([*argv, "--set", "train.lr=1e30"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "training diverged in epoch 1 of 2" in err, err
+    assert "loss = nan" in err or "weights hold NaN/inf" in err
+    assert "Traceback" not in err
+    for name in ("best.keras", "best.keras.json", "best.weights.h5", "val_metrics.json"):
+        assert not (run_dir / name).exists(), name
