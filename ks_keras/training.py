@@ -744,9 +744,13 @@ def check_resume_config(cfg: Config, run_dir: Path, work_dir: Path) -> None:
     if differences:
         shown = "; ".join(differences[:10])
         more = f"; … and {len(differences) - 10} more" if len(differences) > 10 else ""
+        try:
+            epoch = json.loads(read_utf8(state)).get("epoch", "?")
+        except ValueError:
+            epoch = "?"
         raise ValueError(
-            f"{run_dir} holds an unfinished run (backup at epoch "
-            f"{json.loads(read_utf8(state)).get('epoch', '?')}) trained with another config: "
+            f"{run_dir} holds an unfinished run (backup at epoch {epoch}) trained with another "
+            "config: "
             f"{shown}{more}. Run again with the same config to resume it, or start afresh: "
             f"use another run folder, or delete {work_dir / BACKUP_DIR} (nothing was written)"
         )
