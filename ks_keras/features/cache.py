@@ -693,7 +693,7 @@ def _write_shard(
     batch: list[Utterance],
     features: dict[str, list[np.ndarray]],
     modalities: tuple[str, ...],
-    keys: dict[str, str],
+    keys: dict[str, str] | None = None,
 ) -> None:
     import tensorflow as tf
 
@@ -708,7 +708,7 @@ def _write_shard(
             rows.append(
                 [
                     utt.id,
-                    keys[utt.id],
+                    keys[utt.id] if keys is not None else source_key(utt, modalities),
                     int(arrays["audio"].shape[0]) if "audio" in arrays else 0,
                     int(arrays["text"].shape[0]) if "text" in arrays else 0,
                 ]
