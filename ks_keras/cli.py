@@ -2,14 +2,31 @@
 
 Parsers are declared here (cheap); each command's work lives in its module and is imported
 only when that command runs, so `ks-keras --help` does not pay for importing TensorFlow.
+
+Output is quiet by default: TensorFlow's C++ start-up lines (oneDNN notices, "Could not find
+cuda drivers", the `E0000 … cuInit … CUDA error` of a CPU-only machine) and the Hugging Face
+"Loading weights" bar are hidden; every command takes `--verbose` to show them (it also sets
+`KS_KERAS_VERBOSE=1` for the processes a command starts).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
+import re
 import sys
+
+# Commands whose parent process does not use TensorFlow (bench measures in child processes).
+_NO_TENSORFLOW = ("prepare", "bench")
+# The absl C++ log lines TensorFlow prints while it loads, before TF_CPP_MIN_LOG_LEVEL applies
+# ("I0000 00:00:1796195433.191025    7290 port.cc:153] oneDNN custom operations are on…").
+_TF_STARTUP_NOISE = re.compile(
+    r"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|To enable the following instructions: )"
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -102,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-name", help="served model name (default: the export's name)")
     p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="deadline of each request to TF Serving, whole exchange (default 60)",
+    )
+    p.add_argument(
         "--model-version",
         type=int,
         help="served version (default: the version of the local export)",
@@ -119,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = prep.add_parser("iemocap", help="IEMOCAP official release → 4-class manifest")
     q.add_argument("--root", required=True, help="IEMOCAP_full_release folder")
     q.add_argument("--out", required=True, help="manifest CSV to write")
-    q.add_argument("--all-labels", action="store_true",
-                   help="keep every agreed label (excited not merged) instead of 4 classes")
+    q.add_argument(
+        "--all-labels",
+        action="store_true",
+        help="keep every agreed label (excited not merged) instead of 4 classes",
+    )
     q.set_defaults(target="ks_keras.corpora.iemocap:run_prepare_iemocap")
 
     p = sub.add_parser("evaluate", help="cross-validated training + test with a report folder")
@@ -136,28 +163,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(target="ks_keras.demo:run_demo")
 
-    p = sub.add_parser("tune", help="KerasTuner search on one fold's validation speakers, then "
-                       "retrain the best config, test it and export it")
+    p = sub.add_parser(
+        "tune",
+        help="KerasTuner search on one fold's validation speakers, then "
+        "retrain the best config, test it and export it",
+    )
     _add_config_args(p)
     p.add_argument("--space", required=True, help="search space YAML (tuning/paper_space.yaml)")
     p.add_argument("--tuner", choices=["random", "bayesian", "hyperband"], default="random")
-    p.add_argument("--trials", type=int, default=10, help="total trials of the project (a "
-                   "re-run resumes up to this number; Hyperband: a cap)")
-    p.add_argument("--project-dir", help="search folder (default "
-                   "<train.output_dir>/tune/<config>_<space>_<tuner>)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the project's earlier search instead of resuming it")
-    p.add_argument("--fold", type=int, default=0, help="which fold of eval.folds to tune on "
-                   "(default 0, the first); its test speakers are used once, after the search")
-    p.add_argument("--max-failures", type=int, default=3,
-                   help="stop after this many failed trials in a row (default 3)")
-    p.add_argument("--no-retrain", action="store_true",
-                   help="stop after the search (summary + best_config.yaml)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=10,
+        help="total trials of the project (a re-run resumes up to this number; Hyperband: a cap)",
+    )
+    p.add_argument(
+        "--project-dir",
+        help="search folder (default <train.output_dir>/tune/<config>_<space>_<tuner>)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the project's earlier search instead of resuming it",
+    )
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=0,
+        help="which fold of eval.folds to tune on "
+        "(default 0, the first); its test speakers are used once, after the search",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=3,
+        help="stop after this many failed trials in a row (default 3)",
+    )
+    p.add_argument(
+        "--no-retrain",
+        action="store_true",
+        help="stop after the search (summary + best_config.yaml)",
+    )
     p.add_argument("--no-export", action="store_true", help="retrain and test, do not export")
     p.add_argument("--export-dir", help="export root (default export.base_dir = saved_models)")
     p.add_argument("--export-name", help="exported model name (default export.name)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the export's fresh-process parity check")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip the export's fresh-process parity check"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(target="ks_keras.tuning:run_tune")
 
@@ -170,34 +222,127 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one model; best epoch on held-out validation speakers")
     _add_config_args(p)
-    p.add_argument("--run-dir", help="run folder (default <train.output_dir>/train); "
-                   "re-run with the same folder to resume a killed run")
+    p.add_argument(
+        "--run-dir",
+        help="run folder (default <train.output_dir>/train); "
+        "re-run with the same folder to resume a killed run",
+    )
     p.add_argument("--no-progress", action="store_true", help="no feature-extraction progress bar")
     p.set_defaults(target="ks_keras.train_cli:run_train")
 
+    _add_verbose_args(parser)
     return parser
 
 
+def _add_verbose_args(parser: argparse.ArgumentParser) -> None:
+    """`--verbose` on every (sub)command that runs something."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbose_args(sub)
+    if parser.get_default("target") and not any(
+        "--verbose" in a.option_strings for a in parser._actions
+    ):
+        parser.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show TensorFlow's start-up log and library progress bars (hidden by default)",
+        )
+
+
+class _StderrHandler(logging.Handler):
+    """Messages of the `ks_keras` loggers, as plain lines on the current `sys.stderr`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # never let a log line break a command
+            self.handleError(record)
+
+
+def configure_output(verbose: bool) -> None:
+    """Quiet library chatter unless `verbose`; show `ks_keras` log messages on stderr.
+
+    Environment variables the user set explicitly are kept.
+    """
+    if verbose:
+        os.environ["KS_KERAS_VERBOSE"] = "1"
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    else:
+        # 3 also hides the E-level "failed call to cuInit" of a machine without a GPU.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logger = logging.getLogger("ks_keras")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its start-up INFO/WARNING log lines filtered out of stderr.
+
+    Those lines are written before TensorFlow reads TF_CPP_MIN_LOG_LEVEL. A forked filter
+    process forwards every other line at once, so a message TensorFlow prints before it aborts
+    (e.g. a CPU without the instructions it was built for) still reaches the user.
+    """
+    if "tensorflow" in sys.modules or not hasattr(os, "fork"):
+        return
+    try:
+        stderr_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced (captured, redirected)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the filter: runs until the parent's end of the pipe closes
+        try:
+            os.close(write_end)
+            with os.fdopen(read_end, "rb") as lines:
+                for line in lines:
+                    if not _TF_STARTUP_NOISE.match(line.decode("utf-8", "replace")):
+                        os.write(stderr_fd, line)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    saved = os.dup(stderr_fd)
+    os.dup2(write_end, stderr_fd)
+    os.close(write_end)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, stderr_fd)  # closes the pipe: the filter drains it and exits
+        os.close(saved)
+        os.waitpid(pid, 0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Keep TF's C++ start-up chatter out of user-facing output unless asked for.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "target", None):
         parser.print_help()
         return 2
-    module_name, func_name = args.target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
+    previous = os.environ.get("KS_KERAS_VERBOSE")
+    verbose = bool(getattr(args, "verbose", False)) or previous == "1"
     try:
-        result = func(args)
-    except (ValueError, FileNotFoundError) as e:
-        # Boundary errors are already worded for the user: no traceback.
-        print(f"ks-keras {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return int(result or 0)
+        configure_output(verbose)
+        if not verbose and args.command not in _NO_TENSORFLOW:
+            import_tensorflow_quietly()
+        module_name, func_name = args.target.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        try:
+            result = func(args)
+        except (ValueError, FileNotFoundError) as e:
+            # Boundary errors are already worded for the user: no traceback.
+            print(f"ks-keras {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        return int(result or 0)
+    finally:
+        if previous is None:  # main() may run several times in one process (tests)
+            os.environ.pop("KS_KERAS_VERBOSE", None)
 
 
 if __name__ == "__main__":

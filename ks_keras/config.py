@@ -16,6 +16,7 @@ cfg.model.n_ccab  # 2
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -284,6 +285,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
         errors = []
         for option in typing.get_args(tp):
             try:
@@ -325,6 +328,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            # YAML reads .inf/.nan (and 1e999) as floats; no setting means "infinite".
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -544,8 +550,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
+        from ks_keras.files import read_utf8
+
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(read_utf8(path, "config file"))
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({e})") from None
         if loaded is None:

@@ -333,14 +333,57 @@ def load_keras_model(path: str | Path):
     import ks_keras.layers  # noqa: F401  (registers the ks_keras custom layers)
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Keras model file not found: {path}")
+    check_keras_archive(path)
     try:
-        return keras.saving.load_model(path, compile=False)
+        model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # corrupt zip, unknown layer, bad config: one clear message
         raise ValueError(
             f"{path}: cannot load as a Keras model ({type(e).__name__}: {e})"
         ) from None
+    check_finite_weights(model, str(path))
+    return model
+
+
+def check_keras_archive(path: str | Path) -> None:
+    """Fail clearly unless `path` is a Keras v3 archive (a zip holding `config.json`).
+
+    Keras itself answers "File not found" for a file that exists but is not a zip.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: another kind of file; the message says which kind.
+    """
+    from ks_keras.files import describe_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Keras model file not found: {path}")
+    kind = describe_file(path)
+    if kind != "a Keras v3 archive":
+        raise ValueError(
+            f"{path}: not a Keras model archive: it is {kind}; expected a .keras file "
+            "written by model.save() (e.g. run/best.keras from ks-keras train)"
+        )
+
+
+def check_finite_weights(model, where: str) -> None:
+    """Refuse a model with NaN/inf weights (a diverged training run): its every answer would
+    be NaN, or a constant label with made-up probabilities.
+
+    Raises:
+        ValueError: naming the first weights that are not finite.
+    """
+    bad = [
+        w.path
+        for w in model.weights
+        if not np.isfinite(np.asarray(w.numpy(), dtype=np.float64)).all()
+    ]
+    if bad:
+        raise ValueError(
+            f"{where}: {len(bad)} weight tensor(s) hold NaN/inf ({', '.join(bad[:3])}"
+            f"{', …' if len(bad) > 3 else ''}): the model comes from a diverged training run; "
+            "retrain it (e.g. with a lower train.lr)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +454,17 @@ def load_export_metadata(path: str | Path) -> tuple[Path, dict]:
     for key in ("labels", "modalities", "inputs", "features", "signatures"):
         if key not in meta:
             raise ValueError(f"{meta_path}: incomplete export metadata (no {key!r})")
+    labels_path = version_dir / "assets" / LABELS_FILE
+    if labels_path.is_file():
+        from ks_keras.files import read_utf8
+
+        listed = [ln.strip() for ln in read_utf8(labels_path, LABELS_FILE).splitlines()]
+        listed = [ln for ln in listed if ln]
+        if listed != list(meta["labels"]):
+            raise ValueError(
+                f"{labels_path}: lists {listed}, but {meta_path.name} says {meta['labels']}; "
+                "the export was edited or mixed up: export the model again"
+            )
     return version_dir, meta
 
 
@@ -646,6 +700,7 @@ def export_model(
 
     labels = _check_labels(labels, cfg.model.num_classes)
     _check_model_matches(model, cfg, labels)
+    check_finite_weights(model, "export_model")
     audio = cfg.features.audio
     if "audio" in cfg.model.modalities and audio.type == "logmel":
         if audio.n_mels != cfg.model.audio_dim:
@@ -1134,6 +1189,7 @@ def run_export(args) -> int:
     model_path = Path(args.model)
     if model_path.suffix != ".keras":
         raise ValueError(f"--model {model_path}: expected a .keras file saved by training")
+    check_keras_archive(model_path)
     sidecar = read_model_sidecar(model_path)
     if args.config:
         cfg = load_config(args.config, args.overrides)

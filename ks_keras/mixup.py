@@ -47,9 +47,7 @@ def mix_batches(
         inputs, labels = element[0], element[1]
         batch = tf.shape(labels)[0]
         key = tf.stack([draw, tf.cast(seed, tf.int64)])
-        key_a, key_b, key_p = tf.unstack(
-            tf.random.experimental.stateless_split(key, num=3), axis=0
-        )
+        key_a, key_b, key_p = tf.unstack(tf.random.experimental.stateless_split(key, num=3), axis=0)
         g1 = tf.random.stateless_gamma([batch], key_a, alpha=alpha)
         g2 = tf.random.stateless_gamma([batch], key_b, alpha=alpha)
         lam = g1 / tf.maximum(g1 + g2, 1e-12)

@@ -39,6 +39,7 @@ from ks_keras.export import (
     DEFAULT_SIGNATURE,
     WAVEFORM_SIGNATURE,
     build_metadata,
+    check_keras_archive,
     config_feature_metadata,
     load_exported,
     load_keras_model,
@@ -168,12 +169,16 @@ class RequestFeaturizer:
         from ks_keras.audio import load_audio
 
         min_seconds = self.config.features.audio.min_seconds
-        waves, notes = [], []
+        waves, notes, bad = [], [], []
         for path in paths:
             file_notes = []
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                wave = load_audio(path, sample_rate=self.sample_rate, min_seconds=min_seconds)
+                try:
+                    wave = load_audio(path, sample_rate=self.sample_rate, min_seconds=min_seconds)
+                except (ValueError, FileNotFoundError) as e:
+                    bad.append(e)  # every bad file is named, not only the first
+                    continue
             file_notes += [f"{w.message}" for w in caught]
             rate = sf.info(str(path)).samplerate
             if rate != self.sample_rate:
@@ -182,6 +187,8 @@ class RequestFeaturizer:
                 )
             waves.append(wave)
             notes.append(file_notes)
+        if bad:
+            raise BadAudioError([str(e) for e in bad])
         return waves, notes
 
     def check_texts(self, texts: list[str | None], names: list[str]) -> list[str]:
@@ -410,6 +417,7 @@ class Predictor:
 
     @classmethod
     def _load_keras(cls, path: Path, config, overrides) -> Predictor:
+        check_keras_archive(path)
         sidecar = read_model_sidecar(path)
         if sidecar is None:
             if config is None:
@@ -462,7 +470,10 @@ class Predictor:
             raise ValueError(
                 f"{self.source}: no {signature} signature (this model has {sorted(self._run)})"
             )
-        return np.asarray(self._run[signature](inputs))
+        probs = np.asarray(self._run[signature](inputs))
+        batch = len(next(iter(inputs.values()))) if inputs else 0
+        check_probabilities(probs, self.labels, batch, self.source)
+        return probs
 
     def predict_files(
         self,
@@ -495,6 +506,61 @@ class Predictor:
             ]
         )
         return predictions_from_probabilities(probs, self.labels, paths, texts, ids, notes)
+
+
+class BadAudioError(ValueError):
+    """Audio files that cannot be used, all of them (`errors`: one message per file)."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        if len(self.errors) == 1:
+            super().__init__(self.errors[0])
+        else:
+            shown = self.errors[:20] + (
+                [f"… and {len(errors) - 20} more"] if len(errors) > 20 else []
+            )
+            super().__init__(
+                f"{len(self.errors)} audio file(s) cannot be used:\n  " + "\n  ".join(shown)
+            )
+
+
+def check_probabilities(probs: Any, labels: list[str], batch: int, where: str) -> np.ndarray:
+    """Model outputs must be `[batch, len(labels)]` rows of a probability distribution.
+
+    Raises:
+        ValueError: wrong shape, NaN/inf (a model with non-finite weights, e.g. from a
+            diverged training run), or rows that are not probabilities (negative, above 1,
+            not summing to 1).
+    """
+    probs = np.asarray(probs)
+    n = len(labels)
+    if probs.ndim != 2 or probs.shape != (batch, n):
+        raise ValueError(
+            f"{where}: the model answered probabilities of shape {probs.shape}, expected "
+            f"[{batch}, {n}] ({batch} item(s) × the {n} labels {labels}); is it the model "
+            "these labels belong to?"
+        )
+    if not np.issubdtype(probs.dtype, np.number):
+        raise ValueError(f"{where}: the model answered non-numeric probabilities ({probs.dtype})")
+    probs = probs.astype(np.float64)
+    finite = np.isfinite(probs).all(axis=1)
+    if not finite.all():
+        rows = np.flatnonzero(~finite).tolist()
+        raise ValueError(
+            f"{where}: the model answered NaN/inf probabilities for item(s) {rows[:10]}; its "
+            "weights are probably not finite (a diverged training run): retrain it"
+        )
+    tolerance = 1e-3
+    bad = (probs < -tolerance).any(axis=1) | (probs > 1 + tolerance).any(axis=1)
+    bad |= np.abs(probs.sum(axis=1) - 1.0) > tolerance
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{where}: the answer for item(s) {np.flatnonzero(bad).tolist()[:10]} is not a "
+            f"probability distribution over {n} labels (item {row}: "
+            f"{np.round(probs[row], 4).tolist()}, sum {probs[row].sum():.4f})"
+        )
+    return probs
 
 
 def predictions_from_probabilities(
@@ -537,26 +603,32 @@ def read_prediction_manifest(path: str | Path, modalities: list[str]) -> list[di
     """Rows of a CSV to predict: `path` (audio, relative to the CSV) and/or `text`, optional
     `id`, `speaker` (pools per-speaker normalisation) and `label` (then accuracy is
     reported). The training manifest format works as is. The error lists every bad row."""
+    from ks_keras.corpora.manifest import extra_fields_problem, read_csv_rows
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+    columns, numbered = read_csv_rows(path)
     need = [c for c, mod in (("path", "audio"), ("text", "text")) if mod in modalities]
     missing = [c for c in need if c not in columns]
     if missing:
         raise ValueError(
             f"{path}: missing column(s) {missing} (has {columns}); the model reads {modalities}"
         )
-    if not rows:
+    if not numbered:
         raise ValueError(f"{path}: no rows to predict")
+    extra = [
+        f"line {i}: {problem}"
+        for i, row in numbered
+        if (problem := extra_fields_problem(row, len(columns)))
+    ]
+    if extra:
+        raise ValueError(
+            f"{path}: {len(extra)} row(s) with more fields than the header: " + "; ".join(extra)
+        )
     out, absent = [], []
-    for i, row in enumerate(rows, start=2):  # line 1 is the header
+    for i, raw in numbered:
+        row = {k.strip(): v for k, v in raw.items() if isinstance(k, str)}
         item = {
             "id": (row.get("id") or "").strip() or None,
             "speaker": (row.get("speaker") or "").strip() or None,
@@ -592,6 +664,8 @@ def run_predict(args) -> int:
     """`ks-keras predict` (see `ks_keras.cli`)."""
     if args.manifest and args.audio:
         raise ValueError("give either an audio file or --manifest, not both")
+    if args.output:
+        check_output_path(args.output, "--output")
     predictor = _make_predictor(args)
     signature = args.signature
     modalities = predictor.metadata["modalities"]
@@ -622,6 +696,7 @@ def run_predict(args) -> int:
                     "signature": signature,
                 },
                 indent=2,
+                allow_nan=False,  # NaN is not JSON; outputs were checked to be finite
             )
         )
         return 0
@@ -633,6 +708,24 @@ def run_predict(args) -> int:
         p = pred.probabilities[lab]
         print(f"  {lab:<{width}}  {p:6.3f}  {'#' * int(round(p * 30))}")
     return 0
+
+
+def check_output_path(path: str | Path, what: str) -> None:
+    """Fail before any work if `path` cannot be written: its folder is missing or read-only,
+    or it is a folder itself."""
+    import os
+
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(f"{what} {path}: is a folder; give a file name, e.g. {path / 'out.csv'}")
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{what} {path}: the folder {folder} does not exist; create it first "
+            f"(mkdir -p {folder})"
+        )
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{what} {path}: the folder {folder} is not writable")
 
 
 def _make_predictor(args) -> Predictor:
@@ -647,6 +740,7 @@ def _make_predictor(args) -> Predictor:
             version=args.model_version,
             config=args.config,
             overrides=args.overrides,
+            **({"timeout": args.timeout} if getattr(args, "timeout", None) is not None else {}),
         )
     return Predictor.load(args.model, args.config, args.overrides)
 
@@ -681,6 +775,7 @@ def _predict_manifest(predictor: Predictor, args, signature: str) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     results: list[Prediction | None] = [None] * len(rows)
+    bad_audio: list[str] = []
     with tqdm(
         total=len(rows), unit="utt", desc="predict", file=sys.stderr, disable=args.no_progress
     ) as bar:
@@ -690,12 +785,18 @@ def _predict_manifest(predictor: Predictor, args, signature: str) -> int:
             texts = [r["text"] for r in chunk] if "text" in modalities else None
             ids = [r["id"] or str(r["path"] or f"line {r['line']}") for r in chunk]
             speakers = [r["speaker"] for r in chunk]
-            preds = predictor.predict_files(
-                paths, texts, ids, signature, speakers=speakers, batch_size=args.batch_size
-            )
+            try:
+                preds = predictor.predict_files(
+                    paths, texts, ids, signature, speakers=speakers, batch_size=args.batch_size
+                )
+            except BadAudioError as e:
+                bad_audio += e.errors  # keep going: the error names every bad file at once
+                continue
             for i, pred in zip(idx, preds):
                 results[i] = pred
             bar.update(len(idx))
+    if bad_audio:
+        raise BadAudioError(bad_audio)
     predictions: list[Prediction] = list(results)  # type: ignore[arg-type]
     labels = predictor.labels
     # Manifest labels go through the model's label map (e.g. excited → happy) as in training.
@@ -715,6 +816,7 @@ def _predict_manifest(predictor: Predictor, args, signature: str) -> int:
                 },
                 out,
                 indent=2,
+                allow_nan=False,
             )
             out.write("\n")
         else:

@@ -30,9 +30,12 @@ client.predict({"audio": a, "audio_mask": am, "text": t, "text_mask": tm})
 
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
-import urllib.request
+import math
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,7 @@ from ks_keras.export import (
     check_request,
     load_export_metadata,
 )
-from ks_keras.predict import Predictor, request_config
+from ks_keras.predict import Predictor, check_probabilities, request_config
 
 REST_URL = "http://localhost:8501"
 GRPC_TARGET = "localhost:8500"
@@ -53,6 +56,8 @@ GRPC_TARGET = "localhost:8500"
 # client default is 4 MB. TF Serving's server accepts messages up to 2 GB.
 GRPC_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 _OUTPUT_DTYPES = {"probabilities": np.float32, "class_id": np.int32}
+# Seconds a whole request may take (connect, send, wait, read), unless given.
+DEFAULT_TIMEOUT = 60.0
 
 
 class ServingError(ValueError):
@@ -79,19 +84,56 @@ def _typed_inputs(inputs: dict[str, Any], specs: dict | None, where: str) -> dic
     return {k: np.asarray(inputs[k], dtype=specs[k]["dtype"]) for k in specs}
 
 
-def _check_outputs(outputs: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+def check_timeout(timeout: Any) -> float:
+    """`timeout` as float seconds > 0 (the deadline of a whole request)."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ValueError(f"timeout: expected a number of seconds > 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_outputs(
+    outputs: dict[str, Any],
+    where: str,
+    labels: list[str] | None = None,
+    batch: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The answer's outputs as arrays, checked: shapes, and with `labels` (the export's
+    labels.txt / metadata) and `batch` (the request's size) one probability row per item and
+    label, finite, each a distribution, `class_id` its arg-max."""
     missing = [k for k in OUTPUT_NAMES if k not in outputs]
     if missing:
         raise ServingError(
             f"{where}: the answer has no output(s) {missing} (got "
             f"{sorted(outputs)}); is this model a ks_keras export?"
         )
-    out = {k: np.asarray(outputs[k], dtype=_OUTPUT_DTYPES[k]) for k in OUTPUT_NAMES}
+    out = {}
+    for k in OUTPUT_NAMES:
+        try:
+            out[k] = np.asarray(outputs[k], dtype=_OUTPUT_DTYPES[k])
+        except (ValueError, TypeError) as e:
+            raise ServingError(f"{where}: output {k!r} is not a numeric array ({e})") from None
     probs, ids = out["probabilities"], out["class_id"]
     if probs.ndim != 2 or ids.shape != probs.shape[:1]:
         raise ServingError(
             f"{where}: unexpected output shapes probabilities {probs.shape}, class_id {ids.shape}"
         )
+    if labels is not None:
+        try:
+            check_probabilities(probs, labels, probs.shape[0] if batch is None else batch, where)
+        except ValueError as e:
+            raise ServingError(str(e)) from None
+        top = probs[np.arange(len(ids)), np.clip(ids, 0, len(labels) - 1)]
+        if ((ids < 0) | (ids >= len(labels))).any() or (top < probs.max(axis=1) - 1e-6).any():
+            raise ServingError(
+                f"{where}: class_id {ids.tolist()[:10]} is not the most probable class of each "
+                f"item ({probs.argmax(axis=1).tolist()[:10]}); is this the model these "
+                f"labels {labels} belong to?"
+            )
     return out
 
 
@@ -125,8 +167,17 @@ def rest_request_body(
     return {"signature_name": signature_name, "inputs": {k: v.tolist() for k, v in typed.items()}}
 
 
-def parse_rest_response(body: Any, where: str = "TF Serving") -> dict[str, np.ndarray]:
-    """`probabilities` and `class_id` arrays from a REST predict answer (columnar format)."""
+def parse_rest_response(
+    body: Any,
+    where: str = "TF Serving",
+    labels: list[str] | None = None,
+    batch: int | None = None,
+) -> dict[str, np.ndarray]:
+    """`probabilities` and `class_id` arrays from a REST predict answer (columnar format).
+
+    With `labels` and `batch` the answer must hold one probability distribution over the
+    labels per request item (see `_check_outputs`); otherwise only the shapes are checked.
+    """
     if not isinstance(body, dict):
         raise ServingError(f"{where}: expected a JSON object, got {type(body).__name__}")
     if "error" in body:
@@ -136,7 +187,15 @@ def parse_rest_response(body: Any, where: str = "TF Serving") -> dict[str, np.nd
         raise ServingError(
             f"{where}: expected {{'outputs': {{...}}}} with named outputs, got keys {sorted(body)}"
         )
-    return _check_outputs(outputs, where)
+    return _check_outputs(outputs, where, labels, batch)
+
+
+def _labels(metadata: dict | None) -> list[str] | None:
+    return None if metadata is None else list(metadata["labels"])
+
+
+def _batch_size(inputs: dict[str, Any]) -> int | None:
+    return len(next(iter(inputs.values()))) if inputs else None
 
 
 class RestClient:
@@ -146,8 +205,10 @@ class RestClient:
         url: server base URL, e.g. `http://localhost:8501`.
         model_name: the served model's name (`MODEL_NAME` / models.config `name`).
         version: a specific version, or None for the server's latest.
-        timeout: seconds per request.
-        metadata: export metadata used to check requests (optional).
+        timeout: deadline in seconds for a whole request (connect, send, wait, read): a
+            server that trickles its answer cannot hold the client for longer.
+        metadata: export metadata used to check requests and answers (optional): the
+            answer must hold one probability distribution over its labels per item.
     """
 
     def __init__(
@@ -155,15 +216,18 @@ class RestClient:
         url: str = REST_URL,
         model_name: str = "ks_keras",
         version: int | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT,
         metadata: dict | None = None,
     ):
         self.url = url
         self.model_name = model_name
         self.version = version
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.metadata = metadata
         self.predict_url = rest_predict_url(url, model_name, version)
+        parts = urllib.parse.urlsplit(self.predict_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"REST URL {url!r}: expected http://host:port (e.g. {REST_URL})")
 
     def __repr__(self) -> str:
         return f"RestClient({self.predict_url})"
@@ -173,37 +237,84 @@ class RestClient:
     ) -> dict[str, np.ndarray]:
         """POST one batch; returns `probabilities` `[B, C]` and `class_id` `[B]`."""
         body = json.dumps(rest_request_body(inputs, signature_name, self.metadata)).encode()
-        request = urllib.request.Request(
-            self.predict_url,
-            data=body,
-            method="POST",
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")
+        status, raw = self._post(body)
+        if status != 200:
+            detail = raw.decode("utf-8", "replace")
             try:
                 detail = json.loads(detail).get("error", detail)
-            except (json.JSONDecodeError, AttributeError):
+            except (ValueError, AttributeError):
                 pass
             raise ServingError(
-                f"TF Serving at {self.predict_url} answered HTTP {e.code}: {detail}"
-            ) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            reason = getattr(e, "reason", e)
-            raise ServingError(
-                f"cannot reach TF Serving at {self.predict_url} ({reason}); is "
-                "the server running? (docs/serving.md)"
+                f"TF Serving at {self.predict_url} answered HTTP {status}: {detail}"
             ) from None
         try:
             answer = json.loads(raw)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not even UTF-8
             raise ServingError(
                 f"{self.predict_url}: the answer is not JSON: {raw[:200]!r}"
             ) from None
-        return parse_rest_response(answer, self.predict_url)
+        return parse_rest_response(
+            answer, self.predict_url, _labels(self.metadata), _batch_size(inputs)
+        )
+
+    def _post(self, body: bytes) -> tuple[int, bytes]:
+        """POST `body`; `(HTTP status, answer bytes)` within the deadline `self.timeout`.
+
+        The exchange runs in a helper thread so that the deadline bounds the whole request:
+        a socket timeout alone restarts with every byte a slow server trickles.
+        """
+        parts = urllib.parse.urlsplit(self.predict_url)
+        connection_class = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        )
+        conn = connection_class(parts.hostname, parts.port, timeout=self.timeout)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        outcome: dict[str, Any] = {}
+
+        def exchange():
+            try:
+                conn.request("POST", target, body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                outcome["answer"] = (response.status, response.read())
+            except BaseException as e:  # handed to the caller's thread
+                outcome["error"] = e
+
+        worker = threading.Thread(target=exchange, name="ks-keras-rest", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the worker's blocked read
+                except OSError:
+                    pass
+            conn.close()
+            raise ServingError(
+                f"TF Serving at {self.predict_url}: no complete answer within "
+                f"{self.timeout:g} s (the deadline of a whole request; --timeout to change it)"
+            )
+        conn.close()
+        error = outcome.get("error")
+        if error is None:
+            return outcome["answer"]
+        if isinstance(error, http.client.HTTPException):
+            raise ServingError(
+                f"{self.predict_url}: not a valid HTTP answer ({type(error).__name__}: "
+                f"{str(error)[:200] or 'no details'}); is this TF Serving's REST port (8501 by "
+                "default; 8500 is its gRPC port: use --grpc host:8500)?"
+            ) from None
+        if isinstance(error, TimeoutError):
+            raise ServingError(
+                f"TF Serving at {self.predict_url}: no answer within {self.timeout:g} s "
+                "(--timeout to change it)"
+            ) from None
+        if isinstance(error, OSError):
+            raise ServingError(
+                f"cannot reach TF Serving at {self.predict_url} ({error}); is "
+                "the server running? (docs/serving.md)"
+            ) from None
+        raise error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,11 +355,18 @@ def grpc_predict_request(
     return request
 
 
-def parse_grpc_response(response, where: str = "TF Serving") -> dict[str, np.ndarray]:
-    """`probabilities` and `class_id` arrays from a `PredictResponse`."""
+def parse_grpc_response(
+    response,
+    where: str = "TF Serving",
+    labels: list[str] | None = None,
+    batch: int | None = None,
+) -> dict[str, np.ndarray]:
+    """`probabilities` and `class_id` arrays from a `PredictResponse` (checked as in
+    `parse_rest_response`)."""
     import tensorflow as tf
 
-    return _check_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()}, where)
+    outputs = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+    return _check_outputs(outputs, where, labels, batch)
 
 
 class GrpcClient:
@@ -256,7 +374,8 @@ class GrpcClient:
 
     Args:
         target: `host:port` of the gRPC endpoint, e.g. `localhost:8500`.
-        model_name, version, timeout, metadata: as for `RestClient`.
+        model_name, version, timeout, metadata: as for `RestClient` (gRPC deadlines bound
+            the whole call).
     """
 
     def __init__(
@@ -264,13 +383,13 @@ class GrpcClient:
         target: str = GRPC_TARGET,
         model_name: str = "ks_keras",
         version: int | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT,
         metadata: dict | None = None,
     ):
         self.target = target
         self.model_name = model_name
         self.version = version
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.metadata = metadata
         self._stub = None
 
@@ -309,7 +428,7 @@ class GrpcClient:
             details = e.details() if hasattr(e, "details") else str(e)
             hint = "; is the server running? (docs/serving.md)" if code == "UNAVAILABLE" else ""
             raise ServingError(f"{where}: {code}: {details}{hint}") from None
-        return parse_grpc_response(response, where)
+        return parse_grpc_response(response, where, _labels(self.metadata), _batch_size(inputs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +443,7 @@ def serving_predictor(
     version: int | None = None,
     config: str | Path | None = None,
     overrides: list[str] | None = None,
-    timeout: float = 60.0,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Predictor:
     """A `Predictor` whose model runs on a TF Serving server.
 
@@ -337,7 +456,7 @@ def serving_predictor(
         version: the served version; default the local export's version, so the labels and
             extractors used here are those of the model that answers.
         config, overrides: the request's extractor settings (default: the model's own).
-        timeout: seconds per request.
+        timeout: deadline in seconds of each request (the whole exchange).
     """
     if bool(rest_url) == bool(grpc_target):
         raise ValueError(

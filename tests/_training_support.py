@@ -5,7 +5,7 @@ tests need for things that must happen before TensorFlow initialises (logical CP
 multi-worker collectives) or that kill the process (resume):
 
     python tests/_training_support.py --run-dir DIR [--epochs N] [--strategy S]
-        [--logical-cpus K] [--kill-at-epoch E]
+        [--logical-cpus K] [--kill-at-epoch E] [--tear-backup-at-epoch E]
 
 It prints one line `RESULT <json>` with the fit result summary.
 """
@@ -120,6 +120,9 @@ def _main(argv=None) -> int:
     parser.add_argument("--strategy", default="default")
     parser.add_argument("--logical-cpus", type=int, default=0)
     parser.add_argument("--kill-at-epoch", type=int, default=-1)
+    # Die while the backup at the end of epoch E is being written, leaving that file torn
+    # (what Ctrl-C during the write did to Keras' in-place backup).
+    parser.add_argument("--tear-backup-at-epoch", type=int, default=-1)
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--model", default="mlp", choices=["mlp", "kst"])
     args = parser.parse_args(argv)
@@ -161,6 +164,28 @@ def _main(argv=None) -> int:
             IterationsAtEnd.value = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
     extra = [IterationsAtEnd()] + ([KillAt()] if args.kill_at_epoch >= 0 else [])
+    if args.tear_backup_at_epoch >= 0:
+        from pathlib import Path
+
+        epoch_now = {}
+
+        class TrackEpoch(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                epoch_now["epoch"] = epoch
+
+        save_weights = keras.Model.save_weights
+
+        def tearing_save_weights(self, filepath, *a, **kw):
+            save_weights(self, filepath, *a, **kw)
+            path = Path(filepath)
+            if "backup" in path.parts and epoch_now.get("epoch") == args.tear_backup_at_epoch:
+                data = path.read_bytes()
+                path.write_bytes(data[: len(data) // 4])  # the process dies mid-write
+                sys.stdout.flush()
+                os._exit(17)
+
+        keras.Model.save_weights = tearing_save_weights
+        extra.append(TrackEpoch())
     train_ds = synthetic_dataset(args.n, cfg.train.batch_size, seed=0)
     val_ds = synthetic_dataset(16, cfg.train.batch_size, seed=1, shuffle=False)
     result = fit(

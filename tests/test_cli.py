@@ -40,3 +40,47 @@ def test_console_script_help():
         check=False,
     )
     assert out.returncode == 0 and "info" in out.stdout
+
+
+def test_library_chatter_is_quiet_by_default_and_shown_with_verbose(tmp_path):
+    """TF's start-up log (incl. `E0000 … cuInit` on CPU-only machines) and the Hugging Face
+    "Loading weights" bar: hidden by default, shown with --verbose. Rows left out by
+    data.labels are counted per label."""
+    import os
+    import re
+
+    import numpy as np
+    import soundfile as sf
+    import yaml
+
+    rows = ["path,speaker,label,text"]
+    for i, label in enumerate(["a", "b", "c", "c"]):
+        sf.write(str(tmp_path / f"u{i}.wav"), np.zeros(8000, np.float32) + 0.01 * i, 16000)
+        rows.append(f"u{i}.wav,s{i % 2},{label},hello number {i}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    cfg = {
+        "model": {"audio_dim": 16, "text_dim": 384, "num_heads": 2, "num_classes": 2},
+        "features": {"audio": {"n_mels": 16}, "cache_dir": str(tmp_path / "cache")},
+        "data": {"manifest": str(tmp_path / "m.csv"), "labels": ["a", "b"]},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    argv = [
+        sys.executable,
+        "-m",
+        "ks_keras.cli",
+        "features",
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+    ]
+    quiet = subprocess.run([*argv, "--no-progress"], env=env, capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "cuInit" not in quiet.stderr and "Loading weights" not in quiet.stderr
+    assert not re.search(r"^[IWE]\d{4} ", quiet.stderr, re.M), quiet.stderr
+    assert "left out 2 row(s) with other labels: c 2" in quiet.stderr
+    # Fresh cache: the text model is loaded again.
+    argv[-1:] = [str(tmp_path / "cfg.yaml"), "--set", f"features.cache_dir={tmp_path / 'c2'}"]
+    loud = subprocess.run([*argv, "--verbose"], env=env, capture_output=True, text=True)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert "Loading weights" in loud.stderr
+    assert re.search(r"^[IWE]\d{4} ", loud.stderr, re.M)  # TF's C++ log is back

@@ -81,3 +81,37 @@ def test_missing_and_bad_files(tmp_path):
 
 def test_config_is_a_dataclass_tree():
     assert isinstance(load_config(), Config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability (issue 14): non-finite numbers, non-UTF-8 files.
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.lr=.inf", "train.lr"),
+        ("train.lr=1e999", "train.lr"),
+        ("model.dropout=.nan", "model.dropout"),
+        ("features.audio.mel_fmax=.inf", "features.audio.mel_fmax"),  # float | None
+        ("train.weight_decay=-.inf", "train.weight_decay"),
+    ],
+)
+def test_non_finite_numbers_are_rejected_everywhere(override, field):
+    with pytest.raises(ValueError, match=rf"{field}: expected a finite number"):
+        load_config(None, [override])
+
+
+def test_non_finite_number_in_a_yaml_file_names_file_and_field(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  lr: .inf\n")
+    with pytest.raises(ValueError, match=r"cfg.yaml: train.lr: expected a finite number"):
+        load_config(path)
+
+
+def test_latin1_config_names_the_file_and_line(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes("# Übung\ntrain:\n  lr: 0.001\n# Stimme für Ärger\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"cfg.yaml: line 1, column 3: .*not UTF-8") as e:
+        load_config(path)
+    assert "0xdc" in str(e.value) and "codec" not in str(e.value)

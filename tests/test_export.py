@@ -418,7 +418,8 @@ def test_cli_export_from_keras_file_with_sidecar(tmp_path, capsys):
         )
         == 1
     )
-    assert "cannot load as a Keras model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a Keras model archive: it is a text file starting with 'garbage'" in err
 
 
 def _fit(x, mask, max_len, crop):

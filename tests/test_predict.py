@@ -374,3 +374,122 @@ def test_audio_and_text_with_real_minilm(multimodal_model, tmp_path, capsys):
     preds = json.load(io.StringIO(out))["predictions"]
     assert [p["true_label"] for p in preds] == ["angry", "sad"]
     np.testing.assert_allclose([preds[0]["probabilities"][lab] for lab in LABELS], want, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability (issue 14)
+
+
+def _nan_model(cfg):
+    model = build_model(cfg)
+    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])  # diverged
+    return model
+
+
+def test_non_finite_weights_are_refused_by_predict_and_export(audio_model, tmp_path, capsys):
+    cfg, _, _, _, files = audio_model
+    keras_path = tmp_path / "run" / "best.keras"
+    keras_path.parent.mkdir()
+    _nan_model(cfg).save(keras_path)
+    ex.write_model_sidecar(keras_path, cfg, LABELS, feature_metadata(cfg))
+    for argv in (
+        ["predict", str(files["a"]), "--model", str(keras_path), "--json"],
+        ["export", "--model", str(keras_path), "--base-dir", str(tmp_path / "out"), "--no-verify"],
+    ):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 1 and "hold NaN/inf" in err and "diverged" in err, (argv, err)
+        assert "NaN" not in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_outputs_are_refused_and_json_never_holds_nan(
+    audio_model, tmp_path, capsys, monkeypatch
+):
+    cfg, _, _, _, files = audio_model
+    # An export whose weights are NaN (made before exports refused them).
+    monkeypatch.setattr(ex, "check_finite_weights", lambda model, where: None)
+    export_dir = ex.export_model(
+        _nan_model(cfg), cfg, LABELS, feature_metadata(cfg), base_dir=tmp_path, verify=False
+    )
+    monkeypatch.undo()
+    code, out, err = run_cli(["predict", str(files["a"]), "--model", str(export_dir), "--json"],
+                             capsys)  # fmt: skip
+    assert code == 1 and "NaN/inf probabilities" in err and "retrain" in err
+    assert out == ""  # nothing printed, certainly no invalid JSON
+
+
+def test_outputs_must_be_probability_rows_of_the_labels(audio_model):
+    cfg = audio_model[0]
+    meta = ex.build_metadata(cfg, LABELS, feature_metadata(cfg))
+    inputs = {"audio": np.zeros((2, AUDIO_MAX, 16), np.float32)}
+    for answer, message in [
+        (np.full((2, 3), np.nan), "NaN/inf probabilities for item"),
+        (np.ones((2, 4)) / 4, r"shape \(2, 4\), expected \[2, 3\]"),
+        (np.array([[1.2, -0.2, 0.0], [0.2, 0.3, 0.5]]), r"item\(s\) \[0\] is not a probability"),
+    ]:
+        predictor = Predictor(meta, lambda x, answer=answer: answer, "fake")
+        with pytest.raises(ValueError, match=message):
+            predictor.predict_inputs(inputs)
+
+
+def test_missing_output_folder_is_checked_before_any_work(audio_model, tmp_path, capsys):
+    _, _, export_dir, _, files = audio_model
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\n{files['a']}\n")
+    target = tmp_path / "no" / "such" / "pred.csv"
+    # The model does not even exist: the output folder is checked first.
+    argv = ["predict", "--manifest", str(manifest), "--model", str(tmp_path / "none")]
+    code, _, err = run_cli([*argv, "--output", str(target)], capsys)
+    assert code == 1 and f"the folder {target.parent} does not exist" in err
+    code, _, err = run_cli([*argv, "--output", str(tmp_path)], capsys)
+    assert code == 1 and "is a folder" in err
+
+
+def test_a_keras_file_that_is_not_a_keras_archive_says_what_it_is(audio_model, tmp_path, capsys):
+    import zipfile
+
+    import h5py
+
+    _, _, _, _, files = audio_model
+    text = tmp_path / "text.keras"
+    text.write_text("model: best\n")
+    hdf5 = tmp_path / "weights.keras"
+    with h5py.File(hdf5, "w") as f:
+        f["x"] = np.zeros(3)
+    other_zip = tmp_path / "zip.keras"
+    with zipfile.ZipFile(other_zip, "w") as z:
+        z.writestr("readme.txt", "hello")
+    empty = tmp_path / "empty.keras"
+    empty.write_bytes(b"")
+    for path, what in [
+        (text, "a text file starting with 'model: best'"),
+        (hdf5, "an HDF5 file"),
+        (other_zip, "a zip archive without the config.json of a Keras model (readme.txt)"),
+        (empty, "an empty file"),
+    ]:
+        code, _, err = run_cli(["predict", str(files["a"]), "--model", str(path)], capsys)
+        assert code == 1 and f"not a Keras model archive: it is {what}" in err, err
+        assert "File not found" not in err
+
+
+def test_every_bad_audio_file_of_a_manifest_is_named(audio_model, tmp_path, capsys):
+    _, _, export_dir, _, files = audio_model
+    (tmp_path / "bad1.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    (tmp_path / "bad2.wav").write_bytes(files["b"].read_bytes()[:3000])
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\nbad1.wav\n{files['a']}\nbad2.wav\n")
+    code, out, err = run_cli(
+        ["predict", "--manifest", str(manifest), "--model", str(export_dir), "--batch-size", "1"],
+        capsys,
+    )
+    assert code == 1 and "2 audio file(s) cannot be used" in err
+    assert "bad1.wav: cannot decode" in err and "bad2.wav: truncated" in err
+
+
+def test_prediction_manifest_with_an_unquoted_comma_names_the_line(audio_model, tmp_path, capsys):
+    _, _, export_dir, _, files = audio_model
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f'path,text\n{files["a"]},"Hallo, wie geht\'s"\n{files["b"]},Hallo, du\n')
+    code, _, err = run_cli(["predict", "--manifest", str(manifest), "--model", str(export_dir)],
+                           capsys)  # fmt: skip
+    assert code == 1 and "line 3: 3 fields for 2 columns" in err and "line 2" not in err

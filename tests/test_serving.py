@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import socketserver
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -326,3 +327,172 @@ def test_grpc_client_against_local_stub(served):
             client.predict({"audio": np.zeros((1, 2, 16), np.float32)})
     finally:
         server.stop(grace=None).wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability (issue 14): answers checked against the export, broken servers, deadlines.
+
+
+class _RawServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):  # a client that hung up is expected
+        pass
+
+
+@pytest.fixture()
+def raw_server():
+    """`serve(reply)` starts a TCP server that reads one HTTP request and calls
+    `reply(socket, stop)`; `stop` is set when the test ends."""
+    started, stop = [], threading.Event()
+
+    def serve(reply):
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                while len(body) < length:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    body += chunk
+                reply(self.request, stop)
+
+        server = _RawServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        started.append((server, thread))
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    stop.set()
+    for server, thread in started:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _http(payload, status=200):
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    head = (
+        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + data
+
+
+def _answer(probabilities, class_id):
+    def reply(sock, stop):
+        body = {"outputs": {"probabilities": probabilities, "class_id": class_id}}
+        sock.sendall(_http(json.dumps(body).encode()))  # json.dumps writes NaN as NaN
+
+    return reply
+
+
+@pytest.fixture(scope="module")
+def one_request(served):
+    export_dir, _, wavs, _ = served
+    meta = ex.load_export_metadata(export_dir)[1]
+    inputs, _ = RequestFeaturizer(meta).inputs(wavs[:1], TEXTS[:1])
+    return meta, inputs
+
+
+@pytest.mark.parametrize(
+    "probabilities, class_id, message",
+    [
+        ([[0.2] * 5], [0], r"shape \(1, 5\), expected \[1, 4\]"),
+        ([[0.5, 0.5]], [0], r"shape \(1, 2\), expected \[1, 4\]"),
+        ([[0.25] * 4, [0.25] * 4], [0, 0], r"shape \(2, 4\), expected \[1, 4\]"),
+        ([[float("nan"), 0.5, 0.25, 0.25]], [1], "NaN/inf probabilities"),
+        ([[-0.5, 1.0, 0.25, 0.25]], [1], "not a probability distribution"),
+        ([[0.1, 0.1, 0.1, 0.1]], [0], "not a probability distribution"),
+        ([[0.1, 0.7, 0.1, 0.1]], [3], "class_id .* is not the most probable class"),
+    ],
+)
+def test_rest_answers_are_checked_against_the_export(
+    raw_server, one_request, probabilities, class_id, message
+):
+    meta, inputs = one_request
+    url = raw_server(_answer(probabilities, class_id))
+    with pytest.raises(serving.ServingError, match=message):
+        serving.RestClient(url, NAME, metadata=meta, timeout=30).predict(inputs)
+
+
+def test_wrong_answer_through_the_cli_is_one_clear_error(served, raw_server, capsys):
+    export_dir, _, wavs, _ = served
+    url = raw_server(_answer([[0.5, 0.5]], [0]))
+    code = cli.main(["predict", str(wavs[0]), "--text", TEXTS[0], "--model", str(export_dir),
+                     "--rest", url])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1 and "expected [1, 4]" in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""  # no partial output
+
+
+def _incomplete_read():
+    head, _, body = _http(b"x" * 200).partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n" + body[:20]  # Content-Length promises more than is sent
+
+
+@pytest.mark.parametrize(
+    "raw, kind",
+    [
+        # What an HTTP/1.1 client reads from a gRPC (HTTP/2) port: a binary frame.
+        (b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03garbage\r\n\r\n", "BadStatusLine"),
+        (_incomplete_read(), "IncompleteRead"),
+    ],
+)
+def test_rest_broken_http_is_a_clear_error(raw_server, one_request, raw, kind):
+    meta, inputs = one_request
+
+    def reply(sock, stop):
+        sock.sendall(raw)
+
+    url = raw_server(reply)
+    with pytest.raises(serving.ServingError, match=rf"not a valid HTTP answer \({kind}") as e:
+        serving.RestClient(url, NAME, metadata=meta, timeout=30).predict(inputs)
+    assert "8501" in str(e.value) and "--grpc" in str(e.value)
+
+
+def test_rest_deadline_bounds_a_server_that_trickles_its_answer(
+    served, raw_server, one_request, capsys
+):
+    meta, inputs = one_request
+    good = json.dumps({"outputs": {"probabilities": [[0.25] * 4], "class_id": [0]}})
+    data = _http(good.encode() + b" " * 200)
+
+    def trickle(sock, stop):
+        head, _, body = data.partition(b"\r\n\r\n")
+        sock.sendall(head + b"\r\n\r\n")
+        for i in range(len(body)):  # one byte at a time: every socket read succeeds
+            if stop.wait(0.02):
+                return
+            sock.sendall(body[i : i + 1])
+
+    url = raw_server(trickle)
+    with pytest.raises(serving.ServingError, match=r"no complete answer within 0\.5 s"):
+        serving.RestClient(url, NAME, metadata=meta, timeout=0.5).predict(inputs)
+    # The CLI takes the deadline as --timeout.
+    export_dir, _, wavs, _ = served
+    argv = ["predict", str(wavs[0]), "--text", TEXTS[0], "--model", str(export_dir), "--rest", url]
+    assert cli.main([*argv, "--timeout", "0.5"]) == 1
+    assert "no complete answer within 0.5 s" in capsys.readouterr().err
+    assert cli.main([*argv, "--timeout", "0"]) == 1
+    assert "timeout: expected a number of seconds > 0" in capsys.readouterr().err
+
+
+def test_labels_txt_that_disagrees_with_the_metadata_is_refused(served, tmp_path):
+    import shutil
+
+    export_dir = served[0]
+    copy = tmp_path / NAME / "1"
+    shutil.copytree(export_dir, copy)
+    (copy / "assets" / "labels.txt").write_text("angry\nhappy\nsad\n")
+    with pytest.raises(ValueError, match=r"labels.txt: lists \['angry', 'happy', 'sad'\]"):
+        ex.load_export_metadata(copy)

@@ -213,3 +213,16 @@ def test_mixup_trains_on_mixed_batches_and_scores_plain_labels(tmp_path, capsys)
     np.testing.assert_allclose(
         np.asarray(loss(np.array([0, 1]), logits)), [ce[0, 0], ce[1, 1]], rtol=1e-6
     )
+
+
+def test_diverging_training_fails_naming_the_epoch_and_saves_no_model(tmp_path, capsys):
+    config = _config(tmp_path, _write_corpus(tmp_path / "wav"))
+    run_dir = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    rc = main([*argv, "--set", "train.lr=1e30"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "training diverged in epoch 1 of 2" in err, err
+    assert "loss = nan" in err or "weights hold NaN/inf" in err
+    assert "Traceback" not in err
+    for name in ("best.keras", "best.keras.json", "best.weights.h5", "val_metrics.json"):
+        assert not (run_dir / name).exists(), name

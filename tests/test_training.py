@@ -16,7 +16,10 @@ import tensorflow as tf
 from ks_keras.config import TrainConfig
 from ks_keras.training import (
     EpochLRSchedule,
+    TrainingDivergedError,
     balanced_class_weights,
+    commit_weights,
+    finish_pending_weights,
     fit,
     get_strategy,
     make_lr_schedule,
@@ -382,6 +385,78 @@ def test_killed_run_resumes_and_finishes_with_the_same_epochs(tmp_path):
     assert resumed["iterations_at_end"] == 4 * 4
     assert resumed["best_value"] == pytest.approx(max(resumed["history"]["val_ua"]))
     assert not (run_dir / "backup").exists()
+
+
+def test_backup_torn_by_a_kill_mid_write_resumes_from_the_last_complete_one(tmp_path):
+    run_dir = tmp_path / "run"
+    torn = _run_support(run_dir, "--epochs", "4", "--tear-backup-at-epoch", "2")
+    assert torn.returncode == 17, torn.stderr[-3000:]  # died while writing epoch 2's backup
+    resumed = _result(_run_support(run_dir, "--epochs", "4"))
+    assert resumed["initial_epoch"] == 2  # the last complete backup: after epoch 1
+    assert resumed["history"]["epoch"] == [0, 1, 2, 3]
+    assert resumed["iterations_at_end"] == 4 * 4
+    assert not (run_dir / "backup").exists()
+
+
+def test_a_backup_that_cannot_be_loaded_says_what_to_do(tmp_path):
+    cfg = tiny_config(epochs=2)
+    backup = tmp_path / "run" / "backup"
+    backup.mkdir(parents=True)
+    # What Keras' in-place write left after Ctrl-C (before this fix): a torn weights file.
+    (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    (backup / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}')
+    with pytest.raises(ValueError, match=r"cannot resume from the training backup .*epoch 1") as e:
+        _mlp_fit(tmp_path, cfg=cfg)
+    assert f"delete {backup}" in str(e.value)
+
+
+def test_checkpoint_commit_survives_a_kill_between_its_steps(tmp_path):
+    model = pooled_mlp(tiny_config())
+    final, record = tmp_path / "best.weights.h5", tmp_path / "best.json"
+    commit_weights(model, final, record, {"epoch": 0})
+    first = [w.copy() for w in model.get_weights()]
+    assert finish_pending_weights(record, final) == {"epoch": 0}
+    # Killed after the record was committed but before the rename: rolled forward.
+    model.set_weights([w + 1 for w in first])
+    model.save_weights(tmp_path / "tmp_best.weights.h5")
+    record.write_text(json.dumps({"epoch": 3, "pending": "tmp_best.weights.h5"}))
+    assert finish_pending_weights(record, final) == {"epoch": 3}
+    assert json.loads(record.read_text()) == {"epoch": 3}
+    model.load_weights(final)
+    np.testing.assert_array_equal(model.get_weights()[0], first[0] + 1)
+    # Killed while the temporary file was written (never committed): the old pair stays.
+    (tmp_path / "tmp_best.weights.h5").write_bytes(b"half")
+    assert finish_pending_weights(record, final) == {"epoch": 3}
+    assert not (tmp_path / "tmp_best.weights.h5").exists()
+    model.load_weights(final)
+
+
+def test_non_finite_loss_stops_training_and_saves_nothing(tmp_path):
+    cfg = tiny_config(epochs=3, lr=1e30)
+    with pytest.raises(TrainingDivergedError, match=r"diverged in epoch 1 of 3: loss = nan") as e:
+        _mlp_fit(tmp_path, cfg=cfg)
+    assert "no epoch was checkpointed" in str(e.value) and "train.lr" in str(e.value)
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "best.weights.h5").exists() and not (run_dir / "best.json").exists()
+    assert not (run_dir / "backup" / "latest.weights.h5").exists()
+
+
+def test_resume_with_a_changed_config_is_refused_before_anything_is_written(tmp_path):
+    run_dir = tmp_path / "run"
+    killed = _run_support(run_dir, "--epochs", "3", "--kill-at-epoch", "1")
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    cfg = tiny_config(epochs=3, lr=1e-2, strategy="default")
+    with pytest.raises(ValueError, match=r"another config: train\.lr: 0\.003 → 0\.01\.") as e:
+        _mlp_fit(tmp_path, cfg=cfg, run_dir=run_dir)
+    assert "another run folder" in str(e.value) and str(run_dir / "backup") in str(e.value)
+    after = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert after == before  # config.yaml and the backup untouched
+    # The same config resumes (bookkeeping keys such as export.* may change).
+    same = tiny_config(epochs=3, strategy="default")
+    same = replace(same, export=replace(same.export, name="renamed"))
+    resumed = _mlp_fit(tmp_path, cfg=same, run_dir=run_dir)
+    assert resumed.initial_epoch == 1 and resumed.history["epoch"] == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------

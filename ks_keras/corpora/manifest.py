@@ -7,11 +7,17 @@ text modality is not used). Optional: `id` (default: the file name without exten
 
 Labels: `label_map` (e.g. `{excited: happy}`) renames labels first; then `labels`, if given,
 selects and orders the classes — rows whose (mapped) label is not among them are left out
-(that is how the 4-class EmoDB view drops bored/disgusted/fearful). A name in `labels` that
-matches no row is an error (it is almost always a typo).
+(that is how the 4-class EmoDB view drops bored/disgusted/fearful), and how many per label is
+logged (`Corpus.dropped` holds the counts). A name in `labels` that matches no row is an error
+(it is almost always a typo).
 
-All problems found in a manifest (missing columns, empty fields, duplicate ids, bad
-durations, missing audio files, unknown labels) are reported together in one error.
+CSV dialect: comma-separated, UTF-8 (a byte-order mark is allowed), fields containing commas,
+quotes or line breaks in double quotes (`"Hallo, wie geht's"`). A row with more fields than
+the header is an error naming its line: an unquoted comma in a transcript would otherwise cut
+the text silently.
+
+All problems found in a manifest (missing columns, empty fields, extra fields, duplicate ids,
+bad durations, missing audio files, unknown labels) are reported together in one error.
 
 Example:
 
@@ -26,11 +32,17 @@ corpus.utterances[0].path          # absolute path of the WAV
 from __future__ import annotations
 
 import csv
+import io
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ks_keras.files import read_utf8
+
+logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("path", "speaker", "label", "text")
 OPTIONAL_COLUMNS = ("id", "session", "gender", "duration")
@@ -59,6 +71,7 @@ class Corpus:
         name: corpus name (e.g. "emodb"), for reports.
         utterances: list of `Utterance`, in manifest order.
         labels: ordered class names; class index i is `labels[i]`.
+        dropped: `{label: rows}` left out because the label is not among `data.labels`.
     """
 
     def __init__(
@@ -74,6 +87,7 @@ class Corpus:
         self.labels = list(labels)
         self._label_index = {label: i for i, label in enumerate(self.labels)}
         self._by_id = {u.id: u for u in self.utterances}
+        self.dropped: dict[str, int] = {}
         missing = sorted({u.label for u in self.utterances} - set(self.labels))
         if missing:
             raise ValueError(
@@ -157,8 +171,58 @@ def select_labels(
                 f"data.label_map: {sorted(present)}"
             )
         keep = set(labels)
+        dropped = dropped_labels(mapped, labels)
+        if dropped:
+            logger.info(
+                "%s: data.labels keeps %s; left out %d row(s) with other labels: %s",
+                where,
+                list(labels),
+                sum(dropped.values()),
+                ", ".join(f"{label} {n}" for label, n in dropped.items()),
+            )
         return [u for u in mapped if u.label in keep], list(labels)
     return mapped, sorted(present)
+
+
+def dropped_labels(rows: list[Utterance], labels: list[str] | None) -> dict[str, int]:
+    """`{label: rows}` of the rows whose label is not among `labels` (sorted by label)."""
+    if not labels:
+        return {}
+    counts = Counter(u.label for u in rows if u.label not in set(labels))
+    return dict(sorted(counts.items()))
+
+
+def read_csv_rows(path: Path, what: str = "manifest") -> tuple[list[str], list[tuple[int, dict]]]:
+    """Header and `(line, row)` pairs of a UTF-8 CSV (see the module docstring's dialect).
+
+    Rows are `{column: text}`; a row with more fields than the header gets the extra fields
+    under the key None (`csv.DictReader`'s rest key). `line` is the row's (last) line in the
+    file: a quoted field may span lines.
+
+    Raises:
+        ValueError: not UTF-8 (naming the line), or not parseable as CSV.
+    """
+    text = read_utf8(path, what)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, dict]] = []
+    try:
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        for row in reader:
+            rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.line_num}: not a readable CSV ({e})") from None
+    return columns, rows
+
+
+def extra_fields_problem(row: dict, n_columns: int) -> str | None:
+    """A description of a row's fields beyond the header, or None when it has none."""
+    extra = row.get(None)
+    if not extra:
+        return None
+    return (
+        f"{n_columns + len(extra)} fields for {n_columns} columns (extra: "
+        f"{', '.join(repr(v) for v in extra[:3])}); quote fields that contain commas"
+    )
 
 
 def read_manifest(
@@ -188,24 +252,33 @@ def read_manifest(
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     base = path.resolve().parent
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing_cols = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing_cols:
-            raise ManifestError(
-                f"{path}: missing required column(s) {missing_cols}; found {columns}; "
-                f"required: {list(REQUIRED_COLUMNS)}, optional: {list(OPTIONAL_COLUMNS)}"
-            )
-        raw_rows = [{(k or "").strip(): (v or "") for k, v in r.items()} for r in reader]
+    try:
+        columns, csv_rows = read_csv_rows(path)
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
+    missing_cols = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing_cols:
+        raise ManifestError(
+            f"{path}: missing required column(s) {missing_cols}; found {columns}; "
+            f"required: {list(REQUIRED_COLUMNS)}, optional: {list(OPTIONAL_COLUMNS)}"
+        )
 
     problems: dict[str, list[str]] = {}
 
     def problem(kind: str, item: str) -> None:
         problems.setdefault(kind, []).append(item)
 
+    raw_rows = []
+    for line, row in csv_rows:
+        extra = extra_fields_problem(row, len(columns))
+        if extra:
+            problem("more fields than the header", f"line {line}: {extra}")
+        raw_rows.append(
+            (line, {k.strip(): (v or "") for k, v in row.items() if isinstance(k, str)})
+        )
+
     rows: list[Utterance] = []
-    for line, r in enumerate(raw_rows, start=2):  # line 1 is the header
+    for line, r in raw_rows:
         for col in ("path", "speaker", "label"):
             if not r.get(col, "").strip():
                 problem(f"empty {col}", f"line {line}")
@@ -261,4 +334,10 @@ def read_manifest(
         raise ManifestError("\n".join(lines))
     if not kept:
         raise ManifestError(f"{path}: no utterances left after data.labels={labels}")
-    return Corpus(kept, selected, name=name or base.name, source=str(path))
+    corpus = Corpus(kept, selected, name=name or base.name, source=str(path))
+    label_map = label_map or {}
+    corpus.dropped = dropped_labels(
+        [Utterance(**{**u.__dict__, "label": label_map.get(u.label, u.label)}) for u in rows],
+        labels,
+    )
+    return corpus

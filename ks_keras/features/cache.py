@@ -1,12 +1,18 @@
 """On-disk feature cache: sharded TFRecords plus JSON metadata.
 
-Layout of `features.cache_dir`:
+Layout of the cache folder:
 
 ```
 metadata.json          extractor metadata per modality, dims, frame rates, completeness
 shard-00000.tfrecord   one tf.train.Example per utterance (id, shard, audio, text, lengths)
-shard-00000.json       the shard's index: [id, source key, audio frames, text tokens] per row
+shard-00000.json       the shard's index: [id, source key, audio frames, text tokens] per row,
+                       plus the shard file's size and SHA-256
 ```
+
+Where: `features.cache_dir` as configured. Left at its default (`cache/features`), each corpus
+(name + manifest) and extractor setting gets its own subfolder
+`cache/features/<corpus>-<10 hex digits>`, so unrelated configs never share (and never
+invalidate) one cache; the folder in use is printed.
 
 Why TFRecords: `tf.data` streams them without holding the corpus in memory (wav2vec features
 of IEMOCAP are several GB), shards give natural resume points, and the format needs no extra
@@ -17,7 +23,16 @@ Atomicity and resume: a shard is written to `*.tmp` and renamed, then its index 
 the same way; a shard counts as finished only once its index exists. A killed run leaves at
 most a temp file (removed on the next run) or a shard without an index (overwritten), so a
 re-run extracts exactly the unfinished utterances. An utterance is re-extracted when its
-*source key* (file name, file size, transcript) changes; later shards win over earlier ones.
+*source key* (utterance id, SHA-256 of the audio file's bytes, transcript) changes: an audio
+file overwritten with other audio of the same size, or another corpus with the same file
+names in the same folder, is extracted again. Later shards win over earlier ones.
+
+Integrity: every shard's size and SHA-256 are checked when a cache is opened. `extract_corpus`
+(`ks-keras features`, `train`, `evaluate`, `tune`) re-extracts the utterances of a damaged
+shard (with a warning naming it); `FeatureCache.open` raises a `ValueError` naming the shard.
+
+Bad audio: every unusable audio file of a run is collected (the good utterances are still
+extracted and kept), and one error lists them all at the end.
 
 Invalidation: `metadata.json` records each extractor's `metadata` (settings, model folder and
 file hashes, package versions). If the configured extractors differ, the cache is invalidated
@@ -47,12 +62,14 @@ from typing import Any
 import numpy as np
 
 from ks_keras.audio import load_audio
-from ks_keras.config import Config
+from ks_keras.config import Config, FeaturesConfig
 from ks_keras.corpora.manifest import Corpus, Utterance
+from ks_keras.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: source keys hash the audio content; shard indexes record the shard's size and SHA-256.
+FORMAT_VERSION = 2
 METADATA_FILE = "metadata.json"
 SHARD_GLOB = "shard-*.tfrecord"
 MODALITIES = ("audio", "text")
@@ -71,15 +88,43 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def source_key(utt: Utterance, modalities: tuple[str, ...]) -> str:
-    """What an utterance's features depend on besides the extractors: its audio file (name and
-    size; content hashing would read the whole corpus on every run) and its transcript."""
+    """What an utterance's features depend on besides the extractors: its id, its audio file's
+    content (SHA-256 of the bytes: about 1 GB/s, cheap next to decoding) and its transcript."""
     parts = [utt.id]
     if "audio" in modalities:
         path = Path(utt.path)
-        parts += [path.name, str(path.stat().st_size if path.exists() else -1)]
+        parts.append(sha256_file(path) if path.is_file() else "missing")
     if "text" in modalities:
         parts.append(utt.text)
-    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+# Extractor metadata that names where a model lives or which packages ran it, not what it
+# computes (its files' hashes identify a model): left out of the folder name.
+_MACHINE_KEYS = ("model_path", "packages")
+
+
+def default_cache_subfolder(corpus: Corpus, metadata: dict[str, Any]) -> str:
+    """`<corpus>-<10 hex digits>` of the corpus (name + manifest) and the extractors: the
+    folder under the default `features.cache_dir` that this corpus and config use."""
+    manifest = str(Path(corpus.source).resolve()) if corpus.source else None
+    extractors = {
+        m: {k: v for k, v in meta.items() if k not in _MACHINE_KEYS}
+        for m, meta in metadata["extractors"].items()
+    }
+    identity = {"corpus": corpus.name, "manifest": manifest, "extractors": extractors}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in corpus.name) or "corpus"
+    return f"{name}-{digest}"
+
+
+def resolve_cache_dir(cfg: Config, corpus: Corpus, metadata: dict[str, Any]) -> Path:
+    """The cache folder for `corpus` under `cfg`: `features.cache_dir` when set to anything
+    but the default; under the default, a subfolder per corpus and extractor setting."""
+    root = Path(cfg.features.cache_dir)
+    if cfg.features.cache_dir != FeaturesConfig().cache_dir:
+        return root
+    return root / default_cache_subfolder(corpus, metadata)
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -131,12 +176,18 @@ class FeatureCache:
         self._shards: OrderedDict[int, dict[str, dict[str, np.ndarray]]] = OrderedDict()
 
     @classmethod
-    def open(cls, cache_dir: str | Path) -> FeatureCache:
+    def open(cls, cache_dir: str | Path, verify: bool = True) -> FeatureCache:
         """Open an existing cache (finished shards only).
+
+        Args:
+            cache_dir: the cache folder.
+            verify: check every shard's size and SHA-256 against its index (reads every
+                shard once; `False` checks sizes only).
 
         Raises:
             FileNotFoundError: no `metadata.json` in `cache_dir`.
-            ValueError: unreadable metadata or a format this version does not know.
+            ValueError: unreadable metadata, a format this version does not know, or a
+                damaged shard (named, with how to rebuild it).
         """
         cache_dir = Path(cache_dir)
         meta_path = cache_dir / METADATA_FILE
@@ -151,10 +202,19 @@ class FeatureCache:
             raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
         if metadata.get("format_version") != FORMAT_VERSION:
             raise ValueError(
-                f"{meta_path}: cache format {metadata.get('format_version')!r}, "
-                f"this version reads {FORMAT_VERSION}; delete the folder"
+                f"{meta_path}: cache format {metadata.get('format_version')!r} (written by "
+                f"another ks_keras version), this version reads format {FORMAT_VERSION}; run "
+                "`ks-keras features` with the config that built it to rebuild it in place"
             )
-        return cls(cache_dir, metadata, _read_indexes(cache_dir))
+        entries, damaged = _read_indexes(cache_dir, verify)
+        if damaged:
+            raise ValueError(
+                f"the feature cache {cache_dir} has {len(damaged)} damaged shard(s): "
+                + "; ".join(damaged.values())
+                + "; run `ks-keras features` with the config that built it: it re-extracts "
+                "the utterances of damaged shards"
+            )
+        return cls(cache_dir, metadata, entries)
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -263,21 +323,42 @@ class FeatureCache:
         return parse
 
 
-def _read_indexes(cache_dir: Path) -> dict[str, CacheEntry]:
+def _shard_problem(path: Path, index: dict[str, Any], verify: bool) -> str | None:
+    """Why the shard file does not match its index (size, then SHA-256), or None."""
+    want_bytes, want_sha = index.get("bytes"), index.get("sha256")
+    if not isinstance(want_bytes, int) or not isinstance(want_sha, str):
+        return f"{path.name}: its index records no size/checksum"
+    size = path.stat().st_size
+    if size != want_bytes:
+        return f"{path.name} holds {size} bytes, its index recorded {want_bytes} (truncated?)"
+    if verify and sha256_file(path) != want_sha:
+        return f"{path.name}: SHA-256 differs from the one recorded when it was written"
+    return None
+
+
+def _read_indexes(cache_dir: Path, verify: bool = True) -> tuple[dict[str, CacheEntry], dict]:
+    """`(entries, damaged)`: the current entry of every utterance in finished, intact shards,
+    and `{shard number: problem}` of shards that do not match their index."""
     entries: dict[str, CacheEntry] = {}
-    for index in sorted(cache_dir.glob("shard-*.json")):
-        number = int(index.stem.split("-")[1])
-        if not (cache_dir / f"{_shard_name(number)}.tfrecord").is_file():
+    damaged: dict[int, str] = {}
+    for index_path in sorted(cache_dir.glob("shard-*.json")):
+        number = int(index_path.stem.split("-")[1])
+        shard = cache_dir / f"{_shard_name(number)}.tfrecord"
+        if not shard.is_file():
             continue
         try:
-            rows = json.loads(index.read_text())["utterances"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(
-                f"{index}: corrupt shard index ({e}); delete the cache folder"
-            ) from None
+            index = json.loads(index_path.read_text())
+            rows = index["utterances"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            damaged[number] = f"{index_path.name}: unreadable shard index ({e})"
+            continue
+        problem = _shard_problem(shard, index, verify)
+        if problem:
+            damaged[number] = problem
+            continue
         for utt_id, key, audio_len, text_len in rows:
             entries[utt_id] = CacheEntry(number, key, int(audio_len), int(text_len))
-    return entries
+    return entries, damaged
 
 
 def _iter_shard_file(path: Path, dims: dict[str, int]):
@@ -368,7 +449,18 @@ def _prepare_dir(cache_dir: Path, metadata: dict[str, Any]) -> None:
         diffs = _diff(
             {k: old.get(k) for k in _IDENTITY_KEYS}, {k: metadata[k] for k in _IDENTITY_KEYS}
         )
-        if diffs:
+        if old.get("format_version") != metadata["format_version"]:
+            logger.warning(
+                "feature cache %s was written by another ks_keras version (cache format %r; "
+                "this version writes %d, with content-hashed entries and shard checksums): "
+                "extracting again",
+                cache_dir,
+                old.get("format_version"),
+                metadata["format_version"],
+            )
+            for path in ours:
+                path.unlink()
+        elif diffs:
             shown = "; ".join(diffs[:5]) + (f"; … {len(diffs) - 5} more" if len(diffs) > 5 else "")
             logger.warning(
                 "feature cache %s was built with different extractor settings "
@@ -378,6 +470,13 @@ def _prepare_dir(cache_dir: Path, metadata: dict[str, Any]) -> None:
             )
             for path in ours:
                 path.unlink()
+        elif old.get("corpus") not in (None, metadata.get("corpus")):
+            logger.info(
+                "feature cache %s was last used for corpus %s; entries are matched by "
+                "utterance id, audio content and transcript, so only what differs is extracted",
+                cache_dir,
+                old["corpus"],
+            )
     elif ours:
         raise ValueError(
             f"{cache_dir}: holds shard files but no {METADATA_FILE}; it is not a "
@@ -424,7 +523,8 @@ def extract_corpus(
     """Extract every utterance of `corpus` once into `features.cache_dir`.
 
     Modalities are those of `model.modalities`. Finished shards are kept; only missing or
-    changed utterances are extracted; changed extractor settings invalidate the cache.
+    changed utterances are extracted (and those of damaged shards); changed extractor settings
+    invalidate the cache. The folder is `resolve_cache_dir` (see the module docstring).
 
     Args:
         cfg: the config (`features.*`, `model.modalities`).
@@ -436,10 +536,13 @@ def extract_corpus(
 
     Returns:
         The opened `FeatureCache`.
+
+    Raises:
+        ValueError: bad settings; empty transcripts (before any work); audio files that cannot
+            be used (all of them listed, after the other utterances were extracted).
     """
     from tqdm.auto import tqdm
 
-    cache_dir = Path(cfg.features.cache_dir)
     if cfg.features.shard_size < 1:
         raise ValueError(f"features.shard_size: expected >= 1, got {cfg.features.shard_size}")
     if extractors is None:
@@ -450,13 +553,20 @@ def extract_corpus(
     modalities = tuple(m for m in MODALITIES if m in extractors)
     extractors = {m: extractors[m] for m in modalities}
     metadata = cache_metadata(extractors)
+    cache_dir = resolve_cache_dir(cfg, corpus, metadata)
+    metadata["corpus"] = f"{corpus.name} ({corpus.source or 'no manifest'})"
     _prepare_dir(cache_dir, metadata)
-    entries = _read_indexes(cache_dir)
-    todo = [
-        u
-        for u in corpus.utterances
-        if u.id not in entries or entries[u.id].key != source_key(u, modalities)
-    ]
+    entries, damaged = _read_indexes(cache_dir, verify=True)
+    for number, problem in damaged.items():
+        logger.warning(
+            "feature cache %s: damaged shard (%s); extracting its utterances again",
+            cache_dir,
+            problem,
+        )
+        for suffix in (".json", ".tfrecord"):
+            (cache_dir / f"{_shard_name(number)}{suffix}").unlink(missing_ok=True)
+    keys = {u.id: source_key(u, modalities) for u in corpus.utterances}
+    todo = [u for u in corpus.utterances if u.id not in entries or entries[u.id].key != keys[u.id]]
 
     if "text" in extractors and cfg.features.text.empty_text == "error":
         from ks_keras.corpora.manifest import _listing
@@ -480,6 +590,7 @@ def extract_corpus(
     started = time.perf_counter()
     audio_seconds = 0.0
     text_memo: dict[str, np.ndarray] = {}
+    bad_audio: list[str] = []
     bar = tqdm(
         total=len(todo),
         unit="utt",
@@ -490,14 +601,26 @@ def extract_corpus(
     try:
         for start in range(0, len(todo), shard_size):
             batch = todo[start : start + shard_size]
-            ids = [u.id for u in batch]
             features: dict[str, list[np.ndarray]] = {}
             if "audio" in extractors:
-                waves = [
-                    load_audio(u.path, audio_cfg.sample_rate, audio_cfg.min_seconds) for u in batch
-                ]
+                waves, usable = [], []
+                for u in batch:
+                    try:
+                        waves.append(
+                            load_audio(u.path, audio_cfg.sample_rate, audio_cfg.min_seconds)
+                        )
+                        usable.append(u)
+                    except (ValueError, FileNotFoundError) as e:
+                        bad_audio.append(str(e))  # keep going: all bad files are listed at the end
+                if len(usable) < len(batch):
+                    bar.update(len(batch) - len(usable))
+                    batch = usable
+                    if not batch:
+                        continue
                 audio_seconds += sum(len(w) for w in waves) / audio_cfg.sample_rate
-                features["audio"] = _extract_checked(extractors["audio"], waves, ids)
+                features["audio"] = _extract_checked(
+                    extractors["audio"], waves, [u.id for u in batch]
+                )
             if "text" in extractors:
                 # Identical transcripts are encoded once (EmoDB reads 10 sentences 535 times).
                 unique = [t for t in dict.fromkeys(u.text for u in batch) if t not in text_memo]
@@ -507,14 +630,14 @@ def extract_corpus(
                 text_memo.update(zip(unique, _extract_checked(extractors["text"], unique, owners)))
                 features["text"] = [text_memo[u.text] for u in batch]
             number = next_shard + start // shard_size
-            _write_shard(cache_dir, number, batch, features, modalities)
+            _write_shard(cache_dir, number, batch, features, modalities, keys)
             bar.update(len(batch))
             if on_shard_done is not None:
                 on_shard_done(number)
     finally:
         bar.close()
     elapsed = time.perf_counter() - started
-    cache = FeatureCache.open(cache_dir)
+    cache = FeatureCache.open(cache_dir, verify=False)  # verified above or written just now
     missing = [u.id for u in corpus.utterances if u.id not in cache.entries]
     complete = not missing
     _atomic_write_text(
@@ -530,6 +653,17 @@ def extract_corpus(
     }
     if progress:
         print(run_summary(cache))
+    if bad_audio:
+        shown = bad_audio[:20] + (
+            [f"… and {len(bad_audio) - 20} more"] if len(bad_audio) > 20 else []
+        )
+        raise ValueError(
+            f"{len(bad_audio)} audio file(s) cannot be used (the other utterances were "
+            f"extracted into {cache_dir} and are kept):\n  "
+            + "\n  ".join(shown)
+            + "\nfix or replace these files, or remove their rows from the manifest, then run "
+            "again: only what is missing is extracted"
+        )
     return cache
 
 
@@ -559,6 +693,7 @@ def _write_shard(
     batch: list[Utterance],
     features: dict[str, list[np.ndarray]],
     modalities: tuple[str, ...],
+    keys: dict[str, str] | None = None,
 ) -> None:
     import tensorflow as tf
 
@@ -573,15 +708,17 @@ def _write_shard(
             rows.append(
                 [
                     utt.id,
-                    source_key(utt, modalities),
+                    keys[utt.id] if keys is not None else source_key(utt, modalities),
                     int(arrays["audio"].shape[0]) if "audio" in arrays else 0,
                     int(arrays["text"].shape[0]) if "text" in arrays else 0,
                 ]
             )
+    checksum = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
     os.replace(tmp, final)
     # The index is the commit point: a shard without one is unfinished.
     _atomic_write_text(
-        cache_dir / f"{name}.json", json.dumps({"shard": number, "utterances": rows})
+        cache_dir / f"{name}.json",
+        json.dumps({"shard": number, "utterances": rows, **checksum}),
     )
 
 

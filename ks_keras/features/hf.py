@@ -20,8 +20,10 @@ Layers index `hidden_states` (embeddings/feature projection = 0, last layer = -1
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,22 @@ def _num_hidden_states(cfg: dict[str, Any], folder: Path, field: str) -> int:
     raise ValueError(f"{field}: cannot tell the number of layers from {folder}/config.json")
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Hide transformers' "Loading weights" progress bar while a model loads, unless
+    `KS_KERAS_VERBOSE=1` (what `ks-keras … --verbose` sets): it ignores `--no-progress`."""
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("KS_KERAS_VERBOSE") == "1" or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 class HFAudioExtractor(FeatureExtractor):
     """`features.audio.type: hf` — hidden states of a local speech model."""
 
@@ -199,7 +217,8 @@ class HFAudioExtractor(FeatureExtractor):
             from transformers import AutoModel
 
             try:
-                self._model = AutoModel.from_pretrained(str(self.folder), local_files_only=True)
+                with quiet_loading():
+                    self._model = AutoModel.from_pretrained(str(self.folder), local_files_only=True)
             except Exception as e:  # safetensors/torch raise many types: one clear error
                 raise ValueError(
                     f"{self.FIELD}: cannot load a model from {self.folder} ({e})"
@@ -300,10 +319,11 @@ class HFTextExtractor(FeatureExtractor):
             from transformers import AutoModel, AutoTokenizer
 
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(
-                    str(self.folder), local_files_only=True
-                )
-                self._model = AutoModel.from_pretrained(str(self.folder), local_files_only=True)
+                with quiet_loading():
+                    self._tokenizer = AutoTokenizer.from_pretrained(
+                        str(self.folder), local_files_only=True
+                    )
+                    self._model = AutoModel.from_pretrained(str(self.folder), local_files_only=True)
             except Exception as e:  # safetensors/torch raise many types: one clear error
                 raise ValueError(
                     f"{self.FIELD}: cannot load a tokenizer and model from {self.folder} ({e})"

@@ -166,3 +166,43 @@ def test_long_offender_lists_are_summarised(tmp_path):
     rows = [[f"missing/{i}.wav", "s", "sad", ""] for i in range(30)]
     with pytest.raises(ManifestError, match=r"missing audio file \(30\).*and 10 more"):
         read_manifest(write_manifest(tmp_path, rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability (issue 14): unquoted commas, non-UTF-8 files, dropped labels.
+
+
+def test_unquoted_comma_in_a_transcript_is_an_error_naming_the_line(tmp_path):
+    folder = tmp_path / "c"
+    write_manifest(folder, ROWS[:2])
+    path = folder / "manifest.csv"
+    with path.open("a") as f:  # hand-written rows: one quoted (fine), one not
+        f.write('wav/a1.wav,s3,sad,"Hallo, wie geht\'s"\n')
+        f.write("wav/a2.wav,s3,sad,Hallo, wie geht's\n")
+    with pytest.raises(ManifestError, match=r"more fields than the header") as e:
+        read_manifest(path)
+    msg = str(e.value)
+    assert "line 5: 5 fields for 4 columns" in msg and "wie geht" in msg
+    assert "line 4" not in msg  # the quoted comma is fine
+
+
+def test_quoted_comma_keeps_the_whole_transcript(tmp_path):
+    path = write_manifest(tmp_path, [["wav/a.wav", "s", "sad", "Hallo, wie geht's"]])
+    assert read_manifest(path).utterances[0].text == "Hallo, wie geht's"
+
+
+def test_latin1_manifest_names_the_file_and_line(tmp_path):
+    path = write_manifest(tmp_path, [["wav/a.wav", "s", "sad", "ok"]])
+    with path.open("ab") as f:
+        f.write("wav/b.wav,s,sad,Stimme für Ärger\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"manifest.csv: line 3, column 25: .*not UTF-8"):
+        read_manifest(path)
+
+
+def test_dropped_labels_are_counted_per_label(tmp_path, caplog):
+    path = write_manifest(tmp_path, ROWS + [["wav/b4.wav", "s2", "bored", "meh"]])
+    with caplog.at_level("INFO", logger="ks_keras.corpora.manifest"):
+        corpus = read_manifest(path, labels=["angry", "sad"])
+    assert corpus.dropped == {"bored": 2, "excited": 1, "neutral": 1}
+    assert "left out 4 row(s) with other labels: bored 2, excited 1, neutral 1" in caplog.text
+    assert read_manifest(path).dropped == {}  # every label kept

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from ks_keras.audio import load_audio
 from ks_keras.cli import main
@@ -214,12 +215,16 @@ def test_empty_transcripts_listed_before_any_work(tmp_path, corpus, fake_text):
     assert not list((tmp_path / "c").glob("shard-*"))
 
 
-def test_bad_audio_names_the_file(tmp_path, corpus, fake_text):
+def test_bad_audio_names_every_file_and_keeps_the_rest(tmp_path, corpus, fake_text):
     Path(corpus["u4"].path).write_bytes(b"RIFF nonsense")
+    Path(corpus["u1"].path).write_bytes(Path(corpus["u6"].path).read_bytes()[:3000])
     cfg = make_cfg(tmp_path / "c")
-    with pytest.raises(ValueError, match=r"u4\.wav: cannot decode"):
+    with pytest.raises(ValueError, match=r"2 audio file\(s\) cannot be used") as e:
         extract_corpus(cfg, corpus, progress=False, extractors=extractors(cfg, fake_text))
-    assert len(FeatureCache.open(tmp_path / "c")) == 3  # the finished shard is kept
+    assert "u4.wav: cannot decode" in str(e.value) and "u1.wav: truncated" in str(e.value)
+    cache = FeatureCache.open(tmp_path / "c")
+    assert sorted(cache.ids) == ["u0", "u2", "u3", "u5", "u6"]  # the good ones are kept
+    assert not cache.complete
 
 
 def test_bad_extractor_output_names_the_utterance(tmp_path, corpus, fake_text):
@@ -337,3 +342,105 @@ def test_cli_features_on_shipped_emodb(tmp_path, capsys):
         )
         == 0
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability (issue 14): content-keyed entries, per-corpus default folder, shard checksums.
+
+
+def test_audio_overwritten_with_the_same_size_is_extracted_again(tmp_path, corpus, fake_text):
+    cfg = make_cfg(tmp_path / "c")
+    before = extract_corpus(cfg, corpus, progress=False, extractors=extractors(cfg, fake_text))
+    old = before.get("u3")[0]
+    path = Path(corpus["u3"].path)
+    size = path.stat().st_size
+    wave = load_audio(path)
+    sf.write(str(path), (0.5 * wave[::-1]).astype(np.float32), 16000)  # other audio, same size
+    assert path.stat().st_size == size
+    ex = extractors(cfg, fake_text)
+    after = extract_corpus(cfg, corpus, progress=False, extractors=ex)
+    assert ex["audio"].count == 1 and after.last_run["extracted"] == 1
+    assert not np.allclose(after.get("u3")[0], old)
+
+
+def test_another_corpus_with_the_same_names_is_not_reused(tmp_path, corpus_factory, fake_text):
+    first = corpus_factory(tmp_path / "one")
+    cfg = make_cfg(tmp_path / "shared")
+    extract_corpus(cfg, first, progress=False, extractors=extractors(cfg, fake_text))
+    second = corpus_factory(tmp_path / "two")  # same ids, file names, sizes and transcripts
+    for u in second.utterances:
+        wave = load_audio(u.path)
+        sf.write(u.path, (0.3 * np.sign(wave) * np.sqrt(np.abs(wave))).astype(np.float32), 16000)
+    sizes = [Path(u.path).stat().st_size for u in first.utterances]
+    assert [Path(u.path).stat().st_size for u in second.utterances] == sizes
+    ex = extractors(cfg, fake_text)
+    cache = extract_corpus(cfg, second, progress=False, extractors=ex)
+    assert ex["audio"].count == 7  # nothing reported "up to date"
+    reference = get_audio_extractor(cfg.features.audio).extract([load_audio(second["u2"].path)])
+    np.testing.assert_allclose(cache.get("u2")[0], reference[0], atol=1e-4)
+
+
+def test_default_cache_dir_is_one_folder_per_corpus_and_extractor(
+    tmp_path, monkeypatch, corpus_factory, fake_text
+):
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict(
+        {
+            "model": {"modalities": ["audio"], "audio_dim": 16, "num_heads": 2},
+            "features": {"audio": {"n_mels": 16}},
+        }
+    )
+    assert cfg.features.cache_dir == "cache/features"  # the default
+    a = corpus_factory(tmp_path / "a", n=3)
+    b = corpus_factory(tmp_path / "b", n=3)
+    a.source, b.source = str(tmp_path / "a" / "m.csv"), str(tmp_path / "b" / "m.csv")
+    cache_a = extract_corpus(cfg, a, progress=False)
+    cache_b = extract_corpus(cfg, b, progress=False)
+    other = replace(
+        cfg, features=replace(cfg.features, audio=replace(cfg.features.audio, hop_ms=20))
+    )
+    cache_a2 = extract_corpus(other, a, progress=False)
+    folders = {cache_a.cache_dir, cache_b.cache_dir, cache_a2.cache_dir}
+    assert len(folders) == 3
+    assert all(f.parent == Path("cache/features") and f.name.startswith("tiny-") for f in folders)
+    again = extract_corpus(cfg, a, progress=False)  # nothing was invalidated
+    assert again.cache_dir == cache_a.cache_dir and again.last_run["extracted"] == 0
+
+
+def test_truncated_or_altered_shard_is_named_and_repaired(tmp_path, corpus, fake_text, caplog):
+    cfg = make_cfg(tmp_path / "c")
+    extract_corpus(cfg, corpus, progress=False, extractors=extractors(cfg, fake_text))
+    shard = tmp_path / "c" / "shard-00001.tfrecord"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    with pytest.raises(
+        ValueError, match=r"shard-00001\.tfrecord holds .* bytes.*ks-keras features"
+    ):
+        FeatureCache.open(tmp_path / "c")
+    ex = extractors(cfg, fake_text)
+    with caplog.at_level(logging.WARNING, logger="ks_keras.features.cache"):
+        cache = extract_corpus(cfg, corpus, progress=False, extractors=ex)
+    assert "damaged shard (shard-00001.tfrecord" in caplog.text
+    assert ex["audio"].count == 3 and cache.complete  # only that shard's utterances
+    assert len(FeatureCache.open(tmp_path / "c")) == 7
+    # Same size, other bytes: the checksum catches it.
+    shard = next(p for p in sorted((tmp_path / "c").glob("shard-*.tfrecord")))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{shard.name}: SHA-256 differs"):
+        FeatureCache.open(tmp_path / "c")
+
+
+def test_cache_of_an_older_format_says_how_to_rebuild(tmp_path, corpus, fake_text, caplog):
+    cfg = make_cfg(tmp_path / "c")
+    extract_corpus(cfg, corpus, progress=False, extractors=extractors(cfg, fake_text))
+    meta_path = tmp_path / "c" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(ValueError, match=r"cache format 1 .*run `ks-keras features`"):
+        FeatureCache.open(tmp_path / "c")
+    ex = extractors(cfg, fake_text)
+    with caplog.at_level(logging.WARNING, logger="ks_keras.features.cache"):
+        cache = extract_corpus(cfg, corpus, progress=False, extractors=ex)
+    assert "written by another ks_keras version (cache format 1" in caplog.text
+    assert ex["audio"].count == 7 and cache.complete
