@@ -20,33 +20,38 @@ speakers and scored on the test fold, fold by fold, on exactly the folds the neu
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ks_keras.audio import load_audio
 from ks_keras.corpora.manifest import Corpus
+from ks_keras.features.functionals import (
+    FEATURE_SETS,
+    _extract_job,
+    corpus_functionals,
+    opensmile_available,
+    speaker_normalize,
+)
 from ks_keras.folds import Fold
 
 C_GRIDS = {
     "linear_svm": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
     "rbf_svm": (0.1, 1.0, 10.0, 100.0),
 }
-FEATURE_SETS = {"egemaps": "eGeMAPSv02", "compare": "ComParE_2016"}
 CLASSIFIERS = {"linear_svm": "linear SVM", "rbf_svm": "RBF SVM"}
 # Kept for callers of the first version.
 FEATURE_SET = "eGeMAPSv02 functionals"
 C_GRID = C_GRIDS["linear_svm"]
-
-
-def opensmile_available() -> bool:
-    return importlib.util.find_spec("opensmile") is not None
+__all__ = [
+    "FEATURE_SETS",
+    "describe",
+    "egemaps_features",
+    "functionals",
+    "opensmile_available",
+    "run_baseline",
+    "speaker_normalize",
+]
 
 
 def describe(feature_set: str = "egemaps", classifier: str = "linear_svm", normalize="none"):
@@ -69,13 +74,8 @@ def describe(feature_set: str = "egemaps", classifier: str = "linear_svm", norma
 def functionals(
     corpus: Corpus, cache_dir: str | Path, feature_set: str = "egemaps", progress: bool = True
 ) -> np.ndarray:
-    """`[N, D]` openSMILE functionals in corpus order, cached as `.npz` under `cache_dir`.
-
-    The cache file is keyed on the feature set and on every utterance's id, path, size and
-    modification time, so edited audio is extracted again. Extraction runs in a separate
-    Python process: openSMILE's native library corrupts the heap when it is loaded after
-    TensorFlow in the same process ("malloc(): invalid size"), and the evaluation process has
-    TensorFlow loaded.
+    """`[N, D]` openSMILE functionals in corpus order, cached under `cache_dir` (see
+    `ks_keras.features.functionals.corpus_functionals`).
 
     Raises:
         ImportError: when `opensmile` is not installed (`pip install -e ".[baseline]"`).
@@ -86,87 +86,12 @@ def functionals(
         raise ValueError(
             f"eval.baseline.features: expected one of {sorted(FEATURE_SETS)}, got {feature_set!r}"
         )
-    if not opensmile_available():
-        raise ImportError("opensmile is not installed: pip install -e '.[baseline]'")
-    items = [[u.id, u.path] for u in corpus.utterances]
-    stamps = []
-    for _, path in items:
-        try:
-            st = os.stat(path)
-            stamps.append([st.st_size, st.st_mtime_ns])
-        except OSError:
-            stamps.append(None)
-    key = hashlib.sha256(json.dumps([feature_set, items, stamps]).encode()).hexdigest()[:16]
-    prefix = "egemaps" if feature_set == "egemaps" else f"functionals_{feature_set}"
-    cache = Path(cache_dir) / f"{prefix}_{key}.npz"
-    if not cache.is_file():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        job = cache.with_name(cache.name + ".job.json")
-        job.write_text(
-            json.dumps(
-                {"items": items, "out": str(cache), "progress": progress, "set": feature_set}
-            )
-        )
-        done = subprocess.run(
-            [sys.executable, "-m", "ks_keras.baseline", str(job)],
-            stderr=None if progress else subprocess.PIPE,
-            text=True,
-            check=False,
-        )
-        job.unlink(missing_ok=True)
-        if done.returncode != 0 or not cache.is_file():
-            detail = (done.stderr or "").strip().splitlines()[-5:] if done.stderr else []
-            raise RuntimeError(
-                f"{FEATURE_SETS[feature_set]} extraction failed"
-                + (": " + " | ".join(detail) if detail else "")
-            )
-    with np.load(cache) as stored:
-        if list(stored["ids"]) != corpus.ids:
-            raise RuntimeError(f"{cache}: cached functional ids do not match the corpus; delete it")
-        return stored["features"]
+    return corpus_functionals(corpus, cache_dir, feature_set, progress=progress)
 
 
 def egemaps_features(corpus: Corpus, cache_dir: str | Path, progress: bool = True) -> np.ndarray:
     """`[N, 88]` eGeMAPSv02 functionals in corpus order (see `functionals`)."""
     return functionals(corpus, cache_dir, "egemaps", progress)
-
-
-def _extract_job(job_path: str) -> None:
-    """Child-process side of `functionals` (no TensorFlow in this process)."""
-    import opensmile
-    from tqdm import tqdm
-
-    job = json.loads(Path(job_path).read_text())
-    feature_set = job.get("set", "egemaps")
-    smile = opensmile.Smile(
-        feature_set=getattr(opensmile.FeatureSet, FEATURE_SETS[feature_set]),
-        feature_level=opensmile.FeatureLevel.Functionals,
-    )
-    rows = []
-    desc = f"{FEATURE_SETS[feature_set]} functionals"
-    for _, path in tqdm(job["items"], desc=desc, unit="utt", disable=not job["progress"]):
-        wave = load_audio(path, sample_rate=16000)
-        rows.append(smile.process_signal(wave, 16000).to_numpy()[0])
-    out = Path(job["out"])
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, ids=np.array([i for i, _ in job["items"]]), features=np.asarray(rows, np.float32))
-    os.replace(tmp, out)
-
-
-def speaker_normalize(features: np.ndarray, speakers) -> np.ndarray:
-    """z-normalise each speaker's rows with that speaker's own mean and std (labels unused).
-
-    Constant columns of a speaker (std 0) become 0. A speaker with one utterance gets zeros.
-    """
-    features = np.asarray(features, np.float64)
-    speakers = np.asarray(speakers)
-    out = np.zeros_like(features)
-    for s in np.unique(speakers):
-        rows = speakers == s
-        mean = features[rows].mean(axis=0)
-        std = features[rows].std(axis=0)
-        out[rows] = (features[rows] - mean) / np.where(std > 1e-12, std, 1.0)
-    return out.astype(np.float32)
 
 
 def _make_classifier(kind: str, c: float, seed: int):
@@ -274,4 +199,5 @@ def run_baseline(
 
 
 if __name__ == "__main__":
+    # Kept as an entry point: `python -m ks_keras.baseline JOB.json` extracts functionals.
     _extract_job(sys.argv[1])

@@ -96,6 +96,10 @@ class ModelConfig:
     # delta_abs_mean]; [] = none (the paper). They pass a BatchNormalization and a dropout.
     audio_functionals: list[str] = field(default_factory=list)
     functionals_dropout: float = 0.0
+    # Width of the openSMILE utterance functionals input (`features.functionals`: eGeMAPSv02
+    # 88, ComParE_2016 6373); 0 = no such input. It passes a BatchNormalization and
+    # `functionals_dropout` and joins the pooled Transformer outputs before the head.
+    functionals_dim: int = 0
     # Training-time augmentation of the audio input (identity at evaluation and in exports).
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -160,6 +164,10 @@ class TextFeatureConfig:
 class FeaturesConfig:
     audio: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
     text: TextFeatureConfig = field(default_factory=TextFeatureConfig)
+    # openSMILE utterance-level functionals as an extra model input (`functionals`, width
+    # model.functionals_dim): none, egemaps (eGeMAPSv02, 88) or compare (ComParE_2016, 6373).
+    # With features.audio.normalize: speaker they are z-normalised per speaker like the audio.
+    functionals: Literal["none", "egemaps", "compare"] = "none"
     cache_dir: str = "cache/features"
     shard_size: int = 64
 
@@ -204,6 +212,10 @@ class TrainConfig:
     # Seed ensemble: train this many models (seeds seed, seed + 1000, …) and average their
     # probabilities; `train` saves them as one model, `evaluate` scores the average.
     ensemble: int = 1
+    # rotate: each member holds out other validation speakers (together the members train on
+    # every non-test speaker; each still picks its epoch on unseen speakers); fixed: all the
+    # same validation speakers.
+    ensemble_val: Literal["rotate", "fixed"] = "rotate"
     output_dir: str = "runs"
 
 
@@ -476,6 +488,7 @@ def validate_config(cfg: Config) -> None:
         "a rate in [0, 1)",
         m.functionals_dropout,
     )
+    _check(m.functionals_dim >= 0, "model.functionals_dim", "an integer >= 0", m.functionals_dim)
     a = m.augment
     for name in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins"):
         _check(getattr(a, name) >= 0, f"model.augment.{name}", "an integer >= 0", getattr(a, name))

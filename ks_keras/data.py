@@ -236,8 +236,12 @@ def load_arrays(
     modalities: tuple[str, ...] | list[str] | None = None,
     normalizer: NormStats | None = None,
     speaker_of: dict[str, str] | None = None,
+    functionals: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Cropped/padded (and normalised) arrays of the given utterances, in the given order.
+
+    With `functionals` (`{id: [D]}`, see `ks_keras.features.functionals.model_functionals`)
+    the result also holds `"functionals": [N, D]`.
 
     Returns:
         `{"audio": [N, audio_max_len, Da], "audio_mask": [N, audio_max_len] int32, "text": …,
@@ -258,7 +262,19 @@ def load_arrays(
                 mean, std = normalizer.stats_for(utt_id, speaker_of)
                 x = (x - mean) / std * mask[:, None]
             out[m][k], out[f"{m}_mask"][k] = x, mask
+    if functionals is not None:
+        out["functionals"] = functional_rows(functionals, utt_ids)
     return out
+
+
+def functional_rows(functionals: dict[str, np.ndarray], utt_ids: list[str]) -> np.ndarray:
+    """`[N, D]` float32 rows of `functionals` for `utt_ids` (clear error for missing ids)."""
+    missing = [i for i in utt_ids if i not in functionals]
+    if missing:
+        raise ValueError(
+            f"no openSMILE functionals for {len(missing)} utterance(s) ({', '.join(missing[:5])})"
+        )
+    return np.stack([np.asarray(functionals[i], np.float32) for i in utt_ids])
 
 
 def _static_table(keys: list[str], values, dtype, default):
@@ -288,6 +304,7 @@ def make_dataset(
     repeat: bool = False,
     with_ids: bool = False,
     prefetch: bool = True,
+    functionals: dict[str, np.ndarray] | None = None,
 ) -> tf.data.Dataset:
     """A batched `tf.data.Dataset` of `(inputs, label[, sample_weight])` (see module doc).
 
@@ -308,6 +325,7 @@ def make_dataset(
         repeat: repeat forever (use with `steps_per_epoch`).
         with_ids: also put the utterance id (string) into `inputs["id"]`.
         prefetch: add `prefetch(AUTOTUNE)`.
+        functionals: `{id: [D]}` openSMILE functionals; adds the input `"functionals"`.
 
     Raises:
         ValueError: unknown/duplicate ids, bad labels, all-padding samples (named), missing
@@ -329,9 +347,18 @@ def make_dataset(
     if normalizer is not None:
         for utt_id in utterance_ids:
             normalizer.stats_for(utt_id, speaker_of)  # fail early, naming the utterance
+    rows = functional_rows(functionals, utterance_ids) if functionals is not None else None
     if shuffle:
         ds = _streaming(
-            cache, utterance_ids, labels, data_cfg, modalities, normalizer, speaker_of, class_weight
+            cache,
+            utterance_ids,
+            labels,
+            data_cfg,
+            modalities,
+            normalizer,
+            speaker_of,
+            class_weight,
+            rows,
         )
         ds = ds.shuffle(
             max(1, min(data_cfg.shuffle_buffer, len(utterance_ids))),
@@ -341,6 +368,8 @@ def make_dataset(
     else:
         arrays = load_arrays(cache, utterance_ids, data_cfg, modalities, normalizer, speaker_of)
         inputs = {k: arrays[k] for k in _input_keys(modalities)}
+        if rows is not None:
+            inputs["functionals"] = rows
         if with_ids:
             inputs["id"] = np.array(utterance_ids, dtype=object)
         elements = (inputs, labels)
@@ -375,6 +404,7 @@ def _streaming(
     normalizer: NormStats | None,
     speaker_of: dict[str, str] | None,
     class_weight: np.ndarray | None,
+    functional_matrix: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Stream the shards, keep the wanted (latest) records, crop/pad/normalise, cache."""
     shards = [cache.entries[i].shard for i in utt_ids]
@@ -395,6 +425,10 @@ def _streaming(
         norm_std = tf.constant(np.stack([r[1] for r in rows]))
         norm_table = _static_table(utt_ids, list(range(len(utt_ids))), tf.int64, -1)
     parse = cache.parse_fn()
+    row_of = None
+    if functional_matrix is not None:
+        row_of = _static_table(utt_ids, list(range(len(utt_ids))), tf.int64, -1)
+        functional_table = tf.constant(functional_matrix, tf.float32)
 
     def keep(record):
         return tf.equal(shard_of.lookup(record["id"]), record["shard"])
@@ -411,6 +445,8 @@ def _streaming(
                 x = (x - norm_mean[row]) / norm_std[row] * tf.cast(mask, tf.float32)[:, None]
             inputs[m] = tf.ensure_shape(x, [max_len[m], cache.dims[m]])
             inputs[f"{m}_mask"] = mask
+        if row_of is not None:
+            inputs["functionals"] = tf.gather(functional_table, row_of.lookup(record["id"]))
         label = label_of.lookup(record["id"])
         if weight_of is not None:
             return inputs, label, weight_of.lookup(record["id"])

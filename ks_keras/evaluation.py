@@ -33,7 +33,7 @@ from ks_keras.baseline import describe, functionals, opensmile_available, run_ba
 from ks_keras.config import Config, save_config
 from ks_keras.corpora.manifest import Corpus
 from ks_keras.ensemble import member_seed
-from ks_keras.folds import Fold, make_folds
+from ks_keras.folds import Fold, make_folds, rotate_validation
 from ks_keras.info import package_versions
 from ks_keras.metrics import compute_metrics, normalize_confusion
 
@@ -275,6 +275,7 @@ def cross_validate(
     max_folds: int | None = None,
     verbose: int | str = "auto",
     log=print,
+    functionals: dict | None = None,
 ) -> CVResult:
     """Train and test one model per fold and repeat.
 
@@ -288,6 +289,9 @@ def cross_validate(
         max_folds: only the first N folds.
         verbose: Keras progress-bar verbosity for `fit`.
         log: where one-line progress messages go.
+        functionals: `{id: [D]}` openSMILE functionals for the model's `functionals` input
+            (`ks_keras.features.functionals.model_functionals`); built here when None and the
+            config asks for them.
 
     Returns:
         A `CVResult` (pass it to `write_report`).
@@ -302,6 +306,10 @@ def cross_validate(
             f"{len(corpus.labels)} classes {corpus.labels}"
         )
     folds = make_folds(corpus, eval_cfg, seed=cfg.train.seed, max_folds=max_folds)
+    if functionals is None and cfg.features.functionals != "none":
+        from ks_keras.features.functionals import model_functionals
+
+        functionals = model_functionals(cfg, corpus, progress=False)
     run_dir = Path(run_dir)
     label_of = dict(zip(corpus.ids, corpus.label_ids().tolist(), strict=True))
     speaker_of = corpus.speaker_of()
@@ -318,24 +326,33 @@ def cross_validate(
                 f"test {len(fold.test_ids)}"
             )
             started = time.perf_counter()
-            normalizer = fold_normalizer(cfg, cache, corpus, fold)
             members = []
             for j in range(cfg.train.ensemble):
+                member_fold = (
+                    rotate_validation(corpus, fold, j)
+                    if cfg.train.ensemble_val == "rotate"
+                    else fold
+                )
+                normalizer = fold_normalizer(cfg, cache, corpus, member_fold)
                 fold_cfg = replace(cfg, train=replace(cfg.train, seed=member_seed(seed, j)))
                 tag = f"repeat{r}_fold{fold.index}" + (f"_member{j}" if j else "")
                 if cfg.train.ensemble > 1:
-                    log(f"    member {j + 1}/{cfg.train.ensemble} (seed {fold_cfg.train.seed})")
+                    log(
+                        f"    member {j + 1}/{cfg.train.ensemble} (seed {fold_cfg.train.seed}, "
+                        f"val {', '.join(member_fold.val_speakers) or 'test fold'})"
+                    )
                 members.append(
                     _fit_fold_member(
                         fold_cfg,
                         cache,
-                        fold,
+                        member_fold,
                         label_of,
                         speaker_of,
                         normalizer,
                         protocol,
                         run_dir / "runs" / tag,
                         verbose,
+                        functionals,
                     )
                 )
             result = members[0][0]
@@ -376,6 +393,7 @@ def cross_validate(
             cfg,
             normalizer=fold_normalizer(cfg, cache, corpus, folds[-1]),
             speaker_of=speaker_of,
+            functionals=functionals,
         )
     except Exception as e:  # a plot must never sink a finished evaluation
         log(f"    (attention plot skipped: {e})")
@@ -392,6 +410,7 @@ def _fit_fold_member(
     protocol: str,
     run_dir: Path,
     verbose,
+    functionals=None,
 ):
     """Train one model on a fold; returns `(FitResult, test probabilities [n_test, C])`."""
     from ks_keras.data import make_dataset
@@ -413,6 +432,7 @@ def _fit_fold_member(
             normalizer=normalizer,
             speaker_of=speaker_of,
             num_classes=fold_cfg.model.num_classes,
+            functionals=functionals,
         )
 
     train_ds = dataset(fold.train_ids, True)
@@ -466,6 +486,7 @@ def attention_examples(
     layer_name: str | None = None,
     normalizer=None,
     speaker_of=None,
+    functionals=None,
 ):
     """Dense and key-sparse weights of one KS self-attention layer for a few utterances.
 
@@ -496,6 +517,7 @@ def attention_examples(
         modalities=cfg.model.modalities,
         normalizer=normalizer,
         speaker_of=speaker_of,
+        functionals=functionals,
     )
     node_input = layer._inbound_nodes[0].arguments.args[0]
     x = np.asarray(keras.Model(model.input, node_input)(inputs))

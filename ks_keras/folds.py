@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ks_keras.config import EvalConfig
 from ks_keras.corpora.manifest import Corpus
@@ -179,3 +179,35 @@ def make_folds(
             raise ValueError(f"eval.max_folds: expected an integer >= 1, got {limit}")
         folds = folds[:limit]
     return folds
+
+
+def rotate_validation(corpus: Corpus, fold: Fold, shift: int) -> Fold:
+    """The same fold (same test speakers) with other validation speakers.
+
+    Used by seed ensembles (`train.ensemble_val: rotate`): member j of a fold holds out the
+    validation speakers picked with an offset shifted by j, so together the members train on
+    every non-test speaker while each still chooses its epoch on speakers it never trained on.
+    `shift=0` returns the fold unchanged; a fold without validation speakers (paper
+    protocol) is returned unchanged.
+    """
+    n_val = len(fold.val_speakers)
+    if shift == 0 or n_val == 0:
+        return fold
+    rest = [s for s in corpus.speakers if s not in fold.test_speakers]
+    gender = speaker_genders(corpus)
+    # Offsets of consecutive members differ by n_val, so their validation sets do not overlap
+    # until the candidates run out.
+    val = _pick_validation(rest, n_val, gender, offset=fold.index + shift * n_val)
+    if sorted(val) == sorted(fold.val_speakers):
+        val = _pick_validation(rest, n_val, gender, offset=fold.index + shift * n_val + 1)
+    by_speaker: dict[str, list[str]] = {}
+    for u in corpus.utterances:
+        by_speaker.setdefault(u.speaker, []).append(u.id)
+    train = [s for s in rest if s not in val]
+    return replace(
+        fold,
+        val_speakers=val,
+        train_speakers=train,
+        train_ids=[i for s in train for i in by_speaker[s]],
+        val_ids=[i for s in val for i in by_speaker[s]],
+    )

@@ -5,8 +5,9 @@ from the other modality's FEM output, one skip) → DFM (2 KS-Transformer layers
 → masked mean pooling → concatenation → MLP head → logits.
 
 Options beyond the paper (off by default): training-time augmentation of the audio input
-(`model.augment`) and utterance-level functionals of the audio frames concatenated with the
-pooled outputs (`model.audio_functionals`).
+(`model.augment`), utterance-level functionals of the audio frames (`model.audio_functionals`)
+and openSMILE's utterance functionals as an extra input (`functionals`, `model.functionals_dim`),
+both concatenated with the pooled outputs before the head.
 """
 
 from __future__ import annotations
@@ -59,7 +60,20 @@ def model_inputs(m: ModelConfig) -> dict[str, keras.KerasTensor]:
         dim = getattr(m, f"{modality}_dim")
         inputs[modality] = keras.Input((None, dim), dtype="float32", name=modality)
         inputs[f"{modality}_mask"] = keras.Input((None,), dtype="int32", name=f"{modality}_mask")
+    if m.functionals_dim:
+        inputs["functionals"] = keras.Input(
+            (m.functionals_dim,), dtype="float32", name="functionals"
+        )
     return inputs
+
+
+def opensmile_functionals(m: ModelConfig, f):
+    """The openSMILE functionals input (`features.functionals`): standardised by a
+    BatchNormalization (raw or per-speaker z-normalised values alike), then dropout."""
+    f = keras.layers.BatchNormalization(name="opensmile_functionals_norm")(f)
+    if m.functionals_dropout > 0:
+        f = keras.layers.Dropout(m.functionals_dropout, name="opensmile_functionals_dropout")(f)
+    return f
 
 
 def augmentation(m: ModelConfig, x, mask):
@@ -190,6 +204,8 @@ def build_model(config: Config | ModelConfig, name: str = "ks_transformer") -> k
     ]
     if m.audio_functionals:
         pooled.append(utterance_functionals(m, features["audio"], masks["audio"]))
+    if m.functionals_dim:
+        pooled.append(opensmile_functionals(m, inputs["functionals"]))
     fused = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="fusion")(pooled)
     logits = classifier_head(m, fused)
     return keras.Model(inputs=inputs, outputs=logits, name=name)

@@ -111,11 +111,13 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     from ks_keras.ensemble import ensemble_model, member_seed
     from ks_keras.export import write_model_sidecar
     from ks_keras.features.cache import extract_corpus
+    from ks_keras.features.functionals import model_functionals
     from ks_keras.metrics import compute_metrics
     from ks_keras.model import build_model
     from ks_keras.training import balanced_class_weights, fit, worker_role
 
     cache = extract_corpus(cfg, corpus, progress=not args.no_progress)
+    functionals = model_functionals(cfg, corpus, progress=not args.no_progress)
     speaker_of = corpus.speaker_of()
     modalities = tuple(cfg.model.modalities)
     mode = cfg.features.audio.normalize
@@ -139,10 +141,18 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
             normalizer=normalizer,
             speaker_of=speaker_of,
             num_classes=cfg.model.num_classes,
+            functionals=functionals,
         )
 
-    def member_dataset(ids, member_cfg):
-        return dataset(ids, True, seed=member_cfg.train.seed)
+    def member_split(j):
+        """Member j's (train ids, val ids): other validation speakers under `rotate`."""
+        if j == 0 or cfg.train.ensemble_val == "fixed":
+            return train_ids, val_ids
+        _, member_val = split_speakers(corpus, len(val_speakers), cfg.train.seed + j)
+        return (
+            [i for i in corpus.ids if speaker_of[i] not in member_val],
+            [i for i in corpus.ids if speaker_of[i] in member_val],
+        )
 
     class_weight = None
     if cfg.data.class_weights:
@@ -154,13 +164,19 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     for j in range(n_members):
         # Member 0 is the run itself (run-folder layout unchanged); others get a subfolder.
         member_cfg = replace(cfg, train=replace(cfg.train, seed=member_seed(cfg.train.seed, j)))
+        member_train, member_val = member_split(j)
         if n_members > 1:
-            print(f"ensemble member {j + 1}/{n_members} (seed {member_cfg.train.seed})", flush=True)
+            speakers = sorted({speaker_of[i] for i in member_val})
+            print(
+                f"ensemble member {j + 1}/{n_members} (seed {member_cfg.train.seed}, "
+                f"validation speakers {', '.join(speakers)})",
+                flush=True,
+            )
         results.append(
             fit(
                 lambda member_cfg=member_cfg: build_model(member_cfg),
-                dataset(train_ids, True) if j == 0 else member_dataset(train_ids, member_cfg),
-                val_ds,
+                dataset(member_train, True, seed=member_cfg.train.seed),
+                val_ds if j == 0 else dataset(member_val, False),
                 member_cfg,
                 run_dir if j == 0 else run_dir / f"member_{j + 1}",
                 class_weight=class_weight,
@@ -180,7 +196,10 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
         plain.set_weights(member.model.get_weights())
         plains.append(plain)
     plain = plains[0] if n_members == 1 else ensemble_model(plains)
-    pred = plain.predict(val_ds, verbose=0).argmax(-1)
+    # Under `rotate`, members 2.. trained on member 1's validation speakers: score member 1
+    # alone there, so the validation figures stay held-out.
+    scored = plains[0] if n_members > 1 and cfg.train.ensemble_val == "rotate" else plain
+    pred = scored.predict(val_ds, verbose=0).argmax(-1)
     metrics = compute_metrics(corpus.label_ids(val_ids), pred, cfg.model.num_classes)
     is_chief, _ = worker_role(strategy)
     if is_chief:
@@ -205,7 +224,8 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     best = "none" if result.best_epoch is None else f"{result.best_epoch + 1}"
     print(
         f"best epoch {best}/{cfg.train.epochs} by {result.monitor}; validation speakers "
-        f"({', '.join(val_speakers)}): WA {metrics['wa']:.3f} UA {metrics['ua']:.3f} "
+        f"({', '.join(val_speakers)}"
+        f"{'; member 1 alone' if scored is not plain else ''}): WA {metrics['wa']:.3f} UA {metrics['ua']:.3f} "
         f"macro-F1 {metrics['macro_f1']:.3f}\nrun folder: {run_dir}"
         + (f"\nmodel: {run_dir / 'best.keras'}" if is_chief else ""),
         flush=True,

@@ -1568,6 +1568,7 @@ def prepare_fold_data(
     from ks_keras.data import compute_norm_stats, make_dataset
     from ks_keras.features import check_model_dims
     from ks_keras.features.cache import extract_corpus
+    from ks_keras.features.functionals import model_functionals
 
     corpus = load_corpus(cfg.data)
     if len(corpus.labels) != cfg.model.num_classes:
@@ -1584,6 +1585,7 @@ def prepare_fold_data(
         f"({', '.join(chosen.test_speakers)}, used once after the search)"
     )
     cache = extract_corpus(cfg, corpus, progress=progress)
+    functionals = model_functionals(cfg, corpus, progress=progress)
 
     label_of = dict(zip(corpus.ids, corpus.label_ids().tolist(), strict=True))
     speaker_of = corpus.speaker_of()
@@ -1610,6 +1612,7 @@ def prepare_fold_data(
             normalizer=normalizer,
             speaker_of=speaker_of,
             num_classes=cfg.model.num_classes,
+            functionals=functionals,
         )
 
     class_weight = None

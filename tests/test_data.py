@@ -297,3 +297,36 @@ def test_feeds_the_model(built):
     inputs, labels = next(iter(ds))
     logits = model(inputs, training=False)  # keys, dtypes and shapes match the model inputs
     assert logits.shape == (4, 3) and np.isfinite(logits.numpy()).all()
+
+
+def test_functionals_input_follows_each_utterance_in_both_pipelines(built):
+    corpus, cache = built
+    ids, labels = corpus.ids, corpus.label_ids()
+    functionals = {u: np.full(5, k, np.float32) + np.arange(5) for k, u in enumerate(ids)}
+    ordered = load_arrays(cache, ids, DATA, functionals=functionals)
+    assert ordered["functionals"].shape == (len(ids), 5)
+    np.testing.assert_array_equal(ordered["functionals"][3], functionals[ids[3]])
+    for shuffle in (False, True):
+        ds = make_dataset(
+            cache,
+            ids,
+            labels,
+            DATA,
+            batch_size=4,
+            shuffle=shuffle,
+            seed=3,
+            with_ids=True,
+            functionals=functionals,
+        )
+        seen = 0
+        for inputs, _ in as_numpy(ds):
+            for row, utt_id in enumerate(inputs["id"]):
+                np.testing.assert_array_equal(
+                    inputs["functionals"][row], functionals[utt_id.decode()]
+                )
+                seen += 1
+        assert seen == len(ids)
+    missing = dict(functionals)
+    del missing[ids[0]]
+    with pytest.raises(ValueError, match="no openSMILE functionals for 1 utterance"):
+        make_dataset(cache, ids, labels, DATA, batch_size=4, functionals=missing)

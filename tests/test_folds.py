@@ -100,3 +100,27 @@ def test_missing_class_in_a_fold_is_fine():
     utts = [u for u in c.utterances if not (u.speaker == "s0" and u.label != "a")]
     folds = make_folds(Corpus(utts, c.labels), EvalConfig(val_speakers=1))
     assert len(folds[0].test_ids) >= 1
+
+
+def test_rotated_validation_keeps_the_test_fold_and_holds_out_other_speakers():
+    from ks_keras.folds import rotate_validation
+
+    utts = [
+        Utterance(f"{s}_{k}", "x.wav", s, "ab"[k % 2], "t", gender="mf"[i % 2])
+        for i, s in enumerate(["s1", "s2", "s3", "s4", "s5", "s6", "s7"])
+        for k in range(2)
+    ]
+    corpus = Corpus(utts, ["a", "b"], name="toy")
+    folds = make_folds(corpus, EvalConfig(folds="loso", val_speakers=2))
+    for fold in folds:
+        assert rotate_validation(corpus, fold, 0) is fold
+        seen = set(fold.val_speakers)
+        for shift in (1, 2):
+            other = rotate_validation(corpus, fold, shift)
+            assert other.test_ids == fold.test_ids and other.test_speakers == fold.test_speakers
+            assert len(other.val_speakers) == 2
+            assert not set(other.val_speakers) & set(other.train_speakers)
+            assert not set(other.val_speakers) & set(fold.test_speakers)
+            assert sorted(other.train_ids + other.val_ids + other.test_ids) == sorted(corpus.ids)
+            seen |= set(other.val_speakers)
+        assert len(seen) >= 3  # the members validate on different speakers

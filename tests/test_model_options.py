@@ -198,3 +198,61 @@ def test_config_accepts_options():
     assert cfg.model.audio_functionals == ["mean", "std", "p10", "p50", "p90", "delta_abs_mean"]
     assert cfg.model.augment.noise_std == pytest.approx(0.1)
     assert isinstance(cfg.model.augment.noise_std, float)
+
+
+def test_opensmile_functionals_input_joins_the_head(tmp_path):
+    cfg = small_config("model.functionals_dim=7", "model.functionals_dropout=0.2")
+    model = build_model(cfg)
+    assert "functionals" in {t.name for t in model.inputs}
+    assert model.get_layer("opensmile_functionals_norm") is not None
+    inputs = batch()
+    inputs["functionals"] = np.random.default_rng(1).normal(size=(3, 7)).astype("float32")
+    out = np.asarray(model(inputs, training=False))
+    changed = dict(inputs, functionals=inputs["functionals"] + 1.0)
+    assert not np.allclose(out, np.asarray(model(changed, training=False)))
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(again(inputs, training=False)), out, atol=1e-5)
+
+
+def test_functionals_widths_must_match_the_feature_set():
+    from ks_keras.features import check_model_dims
+
+    cfg = config_from_dict(
+        {},
+        [
+            "model.modalities=[audio]",
+            "model.audio_dim=80",
+            "features.functionals=compare",
+            "model.functionals_dim=88",
+        ],
+    )
+    with pytest.raises(ValueError, match="model.functionals_dim=88 but features.functionals"):
+        check_model_dims(cfg)
+    cfg = config_from_dict({}, ["model.modalities=[audio]", "model.audio_dim=80"])
+    check_model_dims(cfg)  # no functionals either side: fine
+    with pytest.raises(ValueError, match="model.functionals_dim"):
+        config_from_dict({}, ["model.functionals_dim=-1"])
+
+
+def test_model_functionals_are_z_normalised_per_speaker(monkeypatch, tmp_path):
+    import ks_keras.features.functionals as F
+    from ks_keras.corpora.manifest import Corpus, Utterance
+
+    utts = [
+        Utterance(f"{s}{k}", f"/x/{s}{k}.wav", s, "ab"[k % 2], "t") for s in "xy" for k in range(4)
+    ]
+    corpus = Corpus(utts, ["a", "b"])
+    raw = np.arange(8 * 3, dtype=np.float32).reshape(8, 3) ** 1.5
+    monkeypatch.setattr(F, "corpus_functionals", lambda *a, **k: raw)
+    base = [f"features.cache_dir={tmp_path}", "features.functionals=egemaps"]
+    speaker = F.model_functionals(
+        config_from_dict({}, [*base, "features.audio.normalize=speaker"]), corpus
+    )
+    rows = np.stack([speaker[u.id] for u in utts])
+    for s in (slice(0, 4), slice(4, 8)):
+        np.testing.assert_allclose(rows[s].mean(0), 0, atol=1e-5)
+        np.testing.assert_allclose(rows[s].std(0), 1, atol=1e-4)
+    plain = F.model_functionals(config_from_dict({}, base), corpus)
+    np.testing.assert_array_equal(np.stack([plain[u.id] for u in utts]), raw)
+    assert F.model_functionals(config_from_dict({}, []), corpus) is None

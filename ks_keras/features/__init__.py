@@ -100,6 +100,14 @@ def check_model_dims(cfg) -> None:
                 f"model.{modality}_dim={want} but the configured features."
                 f"{modality} extractor gives {dim}-d features"
             )
+    from ks_keras.features.functionals import FUNCTIONAL_DIMS
+
+    want_f = FUNCTIONAL_DIMS.get(cfg.features.functionals, 0)
+    if cfg.model.functionals_dim != want_f:
+        problems.append(
+            f"model.functionals_dim={cfg.model.functionals_dim} but features.functionals="
+            f"{cfg.features.functionals!r} gives {want_f} (0 = no functionals input)"
+        )
     if problems:
         raise ValueError(
             "; ".join(problems) + "; set the model dims to match "
