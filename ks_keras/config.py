@@ -186,6 +186,10 @@ class DataConfig:
     text_max_len: int = 20
     shuffle_buffer: int = 2048
     class_weights: bool = False
+    # Training batches of similar lengths, cut after their longest real step (less padding,
+    # same samples per epoch). Used only when the model ignores trailing padding
+    # (config.padding_invariant); otherwise every batch is padded to the max lengths.
+    bucket_by_length: bool = True
 
 
 @dataclass

@@ -305,6 +305,7 @@ def make_dataset(
     with_ids: bool = False,
     prefetch: bool = True,
     functionals: dict[str, np.ndarray] | None = None,
+    bucket_by_length: bool = False,
 ) -> tf.data.Dataset:
     """A batched `tf.data.Dataset` of `(inputs, label[, sample_weight])` (see module doc).
 
@@ -326,6 +327,11 @@ def make_dataset(
         with_ids: also put the utterance id (string) into `inputs["id"]`.
         prefetch: add `prefetch(AUTOTUNE)`.
         functionals: `{id: [D]}` openSMILE functionals; adds the input `"functionals"`.
+        bucket_by_length: training only (`shuffle=True`): batch utterances of similar length
+            together (4 buckets at the length quartiles of these utterances, shuffled within
+            and across buckets) and cut each batch after its longest real step. Same samples
+            per epoch, far less padding; use it only for models whose output ignores
+            trailing padding (`ks_keras.config.padding_invariant`).
 
     Raises:
         ValueError: unknown/duplicate ids, bad labels, all-padding samples (named), missing
@@ -380,10 +386,57 @@ def make_dataset(
         ds = ds.map(_drop_id)
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if shuffle and bucket_by_length:
+        ds = _bucketed_batches(cache, utterance_ids, data_cfg, modalities, ds, batch_size)
+        ds = ds.map(_cut_after_longest(modalities), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if prefetch:
         ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds
+
+
+def bucketing(cfg) -> bool:
+    """Whether training batches of `cfg` may be bucketed by length and cut after their
+    longest real step: `data.bucket_by_length`, and a model that ignores trailing padding."""
+    from ks_keras.config import padding_invariant
+
+    return bool(cfg.data.bucket_by_length and padding_invariant(cfg.model))
+
+
+def _bucketed_batches(cache, utt_ids, data_cfg, modalities, ds, batch_size):
+    """Batches of similar length: buckets at the quartiles of the (cropped) lengths of the
+    first modality. Every bucket flushes its last partial batch, so an epoch has the same
+    samples, and the same number of batches, every time."""
+    key = modalities[0]
+    max_len = {"audio": data_cfg.audio_max_len, "text": data_cfg.text_max_len}[key]
+    lengths = np.minimum(cache.lengths(list(utt_ids), key), max_len)
+    bounds = sorted({int(q) + 1 for q in np.quantile(lengths, [0.25, 0.5, 0.75])})
+    bounds = [b for b in bounds if 1 < b <= max_len]
+
+    def length(inputs, *rest):
+        return tf.reduce_sum(tf.cast(inputs[f"{key}_mask"], tf.int32))
+
+    return ds.bucket_by_sequence_length(
+        length,
+        bucket_boundaries=bounds,
+        bucket_batch_sizes=[batch_size] * (len(bounds) + 1),
+        drop_remainder=False,
+    )
+
+
+def _cut_after_longest(modalities):
+    """Cut every modality of a batch after its longest real step (padding only goes)."""
+
+    def cut(inputs, *rest):
+        inputs = dict(inputs)
+        for m in modalities:
+            longest = tf.maximum(tf.reduce_max(tf.reduce_sum(inputs[f"{m}_mask"], axis=1)), 1)
+            inputs[m] = inputs[m][:, :longest]
+            inputs[f"{m}_mask"] = inputs[f"{m}_mask"][:, :longest]
+        return (inputs, *rest)
+
+    return cut
 
 
 def _input_keys(modalities: tuple[str, ...]) -> list[str]:

@@ -413,7 +413,7 @@ def _fit_fold_member(
     functionals=None,
 ):
     """Train one model on a fold; returns `(FitResult, test probabilities [n_test, C])`."""
-    from ks_keras.data import make_dataset
+    from ks_keras.data import bucketing, make_dataset
     from ks_keras.model import build_model
     from ks_keras.training import balanced_class_weights, fit
 
@@ -427,6 +427,7 @@ def _fit_fold_member(
             fold_cfg.data,
             batch_size=fold_cfg.train.batch_size,
             shuffle=shuffle,
+            bucket_by_length=shuffle and bucketing(fold_cfg),
             seed=seed,
             modalities=fold_cfg.model.modalities,
             normalizer=normalizer,

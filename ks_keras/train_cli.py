@@ -107,7 +107,7 @@ def run_train(args) -> int:
 def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_speakers) -> int:
     import keras
 
-    from ks_keras.data import compute_norm_stats, make_dataset
+    from ks_keras.data import bucketing, compute_norm_stats, make_dataset
     from ks_keras.ensemble import ensemble_model, member_seed
     from ks_keras.export import write_model_sidecar
     from ks_keras.features.cache import extract_corpus
@@ -136,6 +136,7 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
             cfg.data,
             batch_size=cfg.train.batch_size,
             shuffle=shuffle,
+            bucket_by_length=shuffle and bucketing(cfg),
             seed=seed,
             modalities=modalities,
             normalizer=normalizer,

@@ -1565,7 +1565,7 @@ def prepare_fold_data(
     before features are extracted.
     """
     from ks_keras.corpora import load_corpus
-    from ks_keras.data import compute_norm_stats, make_dataset
+    from ks_keras.data import bucketing, compute_norm_stats, make_dataset
     from ks_keras.features import check_model_dims
     from ks_keras.features.cache import extract_corpus
     from ks_keras.features.functionals import model_functionals
@@ -1607,6 +1607,7 @@ def prepare_fold_data(
             cfg.data,
             batch_size=cfg.train.batch_size,
             shuffle=shuffle,
+            bucket_by_length=shuffle and bucketing(cfg),
             seed=cfg.train.seed,
             modalities=cfg.model.modalities,
             normalizer=normalizer,

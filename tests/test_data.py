@@ -330,3 +330,43 @@ def test_functionals_input_follows_each_utterance_in_both_pipelines(built):
     del missing[ids[0]]
     with pytest.raises(ValueError, match="no openSMILE functionals for 1 utterance"):
         make_dataset(cache, ids, labels, DATA, batch_size=4, functionals=missing)
+
+
+def test_bucketed_batches_cut_padding_keep_every_sample_and_the_arrays(built):
+    corpus, cache = built
+    ids, labels = corpus.ids, corpus.label_ids()
+    ordered = load_arrays(cache, ids, DATA)
+
+    def epoch(seed):
+        ds = make_dataset(
+            cache,
+            ids,
+            labels,
+            DATA,
+            batch_size=3,
+            shuffle=True,
+            seed=seed,
+            with_ids=True,
+            bucket_by_length=True,
+        )
+        return as_numpy(ds)
+
+    batches = epoch(5)
+    got = [i.decode() for inputs, _ in batches for i in inputs["id"]]
+    assert sorted(got) == sorted(ids)  # every sample once
+    assert len(batches) == len(epoch(5)) == len(epoch(6))  # a fixed number of batches
+    assert [i for b, _ in epoch(5) for i in b["id"]] == [i for b, _ in batches for i in b["id"]]
+    shorter = False
+    for inputs, y in batches:
+        for key in ("audio", "text"):
+            width = inputs[key].shape[1]
+            assert inputs[f"{key}_mask"].sum(axis=1).max() == width  # cut after the longest
+            shorter |= key == "audio" and width < DATA.audio_max_len
+        for row, utt_id in enumerate(inputs["id"]):
+            k = ids.index(utt_id.decode())
+            assert y[row] == labels[k]
+            for key in ("audio", "text"):
+                width = inputs[key].shape[1]
+                np.testing.assert_array_equal(inputs[key][row], ordered[key][k][:width])
+                assert not ordered[f"{key}_mask"][k][width:].any()  # only padding was cut
+    assert shorter  # some batches really are shorter than the padded length
