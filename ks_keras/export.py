@@ -8,14 +8,18 @@ saved_models/<name>/<version>/
   saved_model.pb, variables/        the graph and weights
   assets/labels.txt                 one class label per line, in output order
   assets/ks_keras.json              label order, feature extractor metadata, input widths,
-                                    trained max lengths, signatures and the resolved config
+                                    trained max lengths, openSMILE functionals settings,
+                                    signatures and the resolved config
 ```
 
 Signatures:
 
 - `serving_default`: named inputs `audio` `[None, None, Da]` float32, `audio_mask`
   `[None, None]` int32, `text` `[None, None, Dt]` float32, `text_mask` `[None, None]` int32
-  (only the trained modalities), named outputs `probabilities` `[None, C]` float32 and
+  (only the trained modalities), plus `functionals` `[None, D]` float32 when the model reads
+  openSMILE utterance functionals (`features.functionals`; no mask, no time axis; the client
+  computes them and, under `features.audio.normalize: speaker`, z-normalises them per
+  speaker as in training), named outputs `probabilities` `[None, C]` float32 and
   `class_id` `[None]` int32. Batch and length are dynamic. Inside the graph every sequence is
   brought to the trained length exactly as in training: steps beyond `data.<mod>_max_len`
   are cropped **at the end** (the start is kept), shorter inputs are zero-padded at the end,
@@ -23,9 +27,11 @@ Signatures:
   a client padded its batch. Where the model ignores trailing padding
   (`config.padding_invariant`, metadata `crop_to_longest`), the batch is then cut after its
   last real step instead of being padded to the trained length (same result, less work).
-- `serving_waveform` (only when the audio front-end is the built-in log-mel): raw 16 kHz mono
-  `waveform` `[None, None]` float32 plus `waveform_length` `[None]` int32 (valid samples per
-  row) and the text inputs; log-mel is computed in the graph, then as `serving_default`.
+- `serving_waveform` (only when the audio front-end is the built-in log-mel and neither
+  per-speaker normalisation nor openSMILE functionals are used: neither can run in the
+  graph): raw 16 kHz mono `waveform` `[None, None]` float32 plus `waveform_length` `[None]`
+  int32 (valid samples per row) and the text inputs; log-mel is computed in the graph, then
+  as `serving_default`.
 
 A version is written to a hidden temporary folder, verified there (unless asked not to) and
 only then renamed to its integer name, so TF Serving, which polls the base folder, never
@@ -70,6 +76,7 @@ METADATA_FILE = "ks_keras.json"
 LABELS_FILE = "labels.txt"
 SIDECAR_SUFFIX = ".json"
 DEFAULT_SIGNATURE = "serving_default"
+FUNCTIONALS_INPUT = "functionals"
 WAVEFORM_SIGNATURE = "serving_waveform"
 OUTPUT_NAMES = ("probabilities", "class_id")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -166,6 +173,71 @@ def normalization_metadata(cfg: Config, norm_stats: Any = None) -> dict | None:
     return {"mode": "global", "modality": "audio", "mean": mean.tolist(), "std": std.tolist()}
 
 
+def functionals_metadata(cfg: Config) -> dict | None:
+    """How the model's openSMILE functionals input (`functionals`) was made, or None when the
+    model has none (`model.functionals_dim: 0`).
+
+    `{"set", "opensmile_set", "dim", "sample_rate", "normalize", "packages"}`: the feature set
+    (`features.functionals`), its width, the rate the audio was resampled to before openSMILE
+    ran, `"speaker"` when each speaker's functionals were z-normalised with that speaker's
+    statistics (`features.audio.normalize: speaker`, as `model_functionals` does in training)
+    else `"none"` (raw values; the model standardises them itself), and the openSMILE version.
+    Clients compute the functionals of each request (`ks-keras predict` does); they cannot run
+    inside the exported graph.
+
+    Raises:
+        ValueError: `model.functionals_dim` disagrees with `features.functionals`.
+    """
+    import importlib.metadata
+    import inspect
+
+    from ks_keras.features.functionals import FEATURE_SETS, FUNCTIONAL_DIMS, extract_files
+
+    dim, feature_set = cfg.model.functionals_dim, cfg.features.functionals
+    if FUNCTIONAL_DIMS.get(feature_set, 0) != dim:
+        raise ValueError(
+            f"model.functionals_dim={dim} but features.functionals={feature_set!r} gives "
+            f"{FUNCTIONAL_DIMS.get(feature_set, 0)} (0 = no functionals input)"
+        )
+    if not dim:
+        return None
+    try:
+        version = importlib.metadata.version("opensmile")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {
+        "set": feature_set,
+        "opensmile_set": FEATURE_SETS[feature_set],
+        "dim": dim,
+        # Training extracts at `extract_files`' default rate (`corpus_functionals`).
+        "sample_rate": inspect.signature(extract_files).parameters["sample_rate"].default,
+        "normalize": "speaker" if cfg.features.audio.normalize == "speaker" else "none",
+        "packages": {"opensmile": version},
+    }
+
+
+def model_input_names(metadata: dict) -> list[str]:
+    """The model's named inputs: `<modality>`, `<modality>_mask` and `functionals` if used."""
+    names = [n for m in metadata["modalities"] for n in (m, f"{m}_mask")]
+    if metadata_functionals(metadata) is not None:
+        names.append(FUNCTIONALS_INPUT)
+    return names
+
+
+def metadata_functionals(metadata: dict) -> dict | None:
+    """The `functionals` entry of export/sidecar metadata (see `functionals_metadata`), or
+    None for a model without that input (and for metadata written before it existed)."""
+    if FUNCTIONALS_INPUT not in metadata.get("inputs", {}):
+        return None
+    spec = metadata.get("functionals")
+    if not isinstance(spec, dict) or not {"set", "dim", "normalize"} <= set(spec):
+        raise ValueError(
+            "model metadata: the model has a 'functionals' input but no valid 'functionals' "
+            f"entry (set, dim, normalize) saying how they were made, got {spec!r}"
+        )
+    return spec
+
+
 def build_metadata(
     cfg: Config, labels: list[str], feature_metadata: dict, norm_stats: Any = None
 ) -> dict[str, Any]:
@@ -181,8 +253,11 @@ def build_metadata(
 
     Returns:
         A JSON-serialisable dict: format tag, labels, modalities, per-input width and trained
-        max length, audio sample rate, crop policy, extractor metadata, normalisation,
-        package versions and the full config.
+        max length (`inputs`; `inputs["functionals"] = {"dim": D}` when the model reads
+        openSMILE functionals), audio sample rate, crop policy, extractor metadata,
+        normalisation, openSMILE functionals settings (`functionals`, see
+        `functionals_metadata`; None without that input), package versions and the full
+        config.
     """
     if not isinstance(cfg, Config):
         raise ValueError(f"cfg: expected a ks_keras Config, got {type(cfg).__name__}")
@@ -196,6 +271,9 @@ def build_metadata(
         }
         for mod in modalities
     }
+    functionals = functionals_metadata(cfg)
+    if functionals is not None:
+        inputs[FUNCTIONALS_INPUT] = {"dim": functionals["dim"]}
     return {
         "format": EXPORT_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -211,6 +289,7 @@ def build_metadata(
         "crop_to_longest": padding_invariant(cfg.model),
         "features": _check_feature_metadata(feature_metadata, modalities),
         "normalization": normalization_metadata(cfg, norm_stats),
+        "functionals": functionals,
         "config": cfg.to_dict(),
     }
 
@@ -229,18 +308,24 @@ def _check_model_matches(model, cfg: Config, labels: list[str]) -> None:
     for mod in cfg.model.modalities:
         expected[mod] = getattr(cfg.model, f"{mod}_dim")
         expected[f"{mod}_mask"] = None
+    if cfg.model.functionals_dim:
+        expected[FUNCTIONALS_INPUT] = cfg.model.functionals_dim
     got = {t.name: t.shape for t in model.inputs}
     if set(got) != set(expected):
         raise ValueError(
             f"model inputs {sorted(got)} do not match the config's modalities "
-            f"{cfg.model.modalities} (expected inputs {sorted(expected)})"
+            f"{cfg.model.modalities} and model.functionals_dim={cfg.model.functionals_dim} "
+            f"(expected inputs {sorted(expected)})"
         )
-    for mod in cfg.model.modalities:
-        dim = got[mod][-1]
-        if dim != expected[mod]:
+    for name, want in expected.items():
+        if want is None:
+            continue
+        dim = got[name][-1]
+        if dim != want:
+            field_name = "functionals_dim" if name == FUNCTIONALS_INPUT else f"{name}_dim"
             raise ValueError(
-                f"model input {mod!r} has width {dim} but the config says "
-                f"model.{mod}_dim={expected[mod]}"
+                f"model input {name!r} has width {dim} but the config says "
+                f"model.{field_name}={want}"
             )
     n_out = model.outputs[0].shape[-1]
     if n_out != len(labels):
@@ -304,6 +389,10 @@ def read_model_sidecar(model_path: str | Path) -> dict | None:
     if meta.get("format") != SIDECAR_FORMAT:
         raise ValueError(f"{path}: not a ks_keras model sidecar (format={meta.get('format')!r})")
     _check_format_version(meta, path)
+    try:
+        metadata_functionals(meta)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return meta
 
 
@@ -454,6 +543,10 @@ def load_export_metadata(path: str | Path) -> tuple[Path, dict]:
     for key in ("labels", "modalities", "inputs", "features", "signatures"):
         if key not in meta:
             raise ValueError(f"{meta_path}: incomplete export metadata (no {key!r})")
+    try:
+        metadata_functionals(meta)
+    except ValueError as e:
+        raise ValueError(f"{meta_path}: {e}") from None
     labels_path = version_dir / "assets" / LABELS_FILE
     if labels_path.is_file():
         from ks_keras.files import read_utf8
@@ -481,6 +574,11 @@ def feature_input_specs(metadata: dict) -> dict:
         dim = metadata["inputs"][mod]["dim"]
         specs[mod] = tf.TensorSpec([None, None, dim], tf.float32, name=mod)
         specs[f"{mod}_mask"] = tf.TensorSpec([None, None], tf.int32, name=f"{mod}_mask")
+    functionals = metadata_functionals(metadata)
+    if functionals is not None:
+        specs[FUNCTIONALS_INPUT] = tf.TensorSpec(
+            [None, functionals["dim"]], tf.float32, name=FUNCTIONALS_INPUT
+        )
     return specs
 
 
@@ -502,14 +600,21 @@ def waveform_signature_problem(cfg: Config) -> str | None:
     """Why `serving_waveform` cannot be exported for `cfg`, or None when it can.
 
     The built-in log-mel front-end runs in the graph, so raw audio can be served. Features
-    normalised with statistics of the training data (`features.audio.normalize`) cannot be
-    reproduced from a waveform alone, so such models get `serving_default` only.
+    normalised per speaker (`features.audio.normalize: speaker`) cannot be reproduced from
+    one waveform alone, and openSMILE functionals (`features.functionals`) are not TensorFlow
+    ops, so such models get `serving_default` only.
     """
     audio = cfg.features.audio
     if "audio" not in cfg.model.modalities:
         return "the model has no audio input"
     if audio.type != "logmel":
         return f"features.audio.type is {audio.type!r}; only the built-in log-mel runs in-graph"
+    if cfg.model.functionals_dim:
+        return (
+            f"the model reads openSMILE functionals (features.functionals="
+            f"{cfg.features.functionals!r}), which cannot run inside the graph; clients "
+            "compute them from the audio file (ks-keras predict does)"
+        )
     if audio.normalize == "speaker":
         return (
             "features.audio.normalize is 'speaker': each speaker's statistics come from that "
@@ -550,10 +655,30 @@ def fit_length(x, mask, max_len: int, crop_to_longest: bool = False):
 
 
 def _check_batch(inputs: dict, modalities: list[str]):
-    """Graph-side shape checks; TF Serving returns their messages to the client."""
+    """Graph-side shape (and `functionals` value) checks; TF Serving returns their messages
+    to the client."""
     import tensorflow as tf
 
     checks = []
+    if FUNCTIONALS_INPUT in inputs:
+        functionals = inputs[FUNCTIONALS_INPUT]
+        checks.append(
+            tf.debugging.assert_equal(
+                tf.reduce_all(tf.math.is_finite(functionals)),
+                True,
+                message="'functionals' holds NaN/inf (openSMILE gives NaN for audio that is "
+                "too short); every value must be finite",
+            )
+        )
+        if modalities:
+            first = modalities[0]
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.shape(functionals)[0],
+                    tf.shape(inputs[first])[0],
+                    message=f"'functionals' and '{first}' must have the same batch size",
+                )
+            )
     for mod in modalities:
         checks.append(
             tf.debugging.assert_equal(
@@ -604,6 +729,9 @@ def make_serving_functions(model, metadata: dict, audio_config=None) -> dict:
                 fixed[mod], fixed[f"{mod}_mask"] = fit_length(
                     inputs[mod], inputs[f"{mod}_mask"], max_len[mod], crop_to_longest=crop
                 )
+            if FUNCTIONALS_INPUT in inputs:
+                # Utterance-level values, normalised (or not) by the client as in training.
+                fixed[FUNCTIONALS_INPUT] = tf.identity(inputs[FUNCTIONALS_INPUT])
         if norm is not None and norm["mode"] == "global":
             # Training-set statistics, applied to real steps only (as data.py does).
             m = norm["modality"]
@@ -833,6 +961,12 @@ def _random_case(
         mask = (np.arange(t_req)[None, :] < lengths[:, None]).astype("int32")
         x *= mask[:, :, None]
         request[mod], request[f"{mod}_mask"] = x, mask
+    functionals = metadata_functionals(metadata)
+    if functionals is not None:
+        # Utterance-level values pass through the graph unchanged: both sides get the same.
+        request[FUNCTIONALS_INPUT] = rng.standard_normal((batch, functionals["dim"])).astype(
+            "float32"
+        )
     return request, _fit_numpy(request, metadata)
 
 
@@ -881,7 +1015,8 @@ def verify_export(
     this one) and its signatures are called on random inputs at each batch size; the Keras
     model gets the same inputs. Also checked: inputs longer than the trained maximum give the
     Keras result on the cropped inputs, a batch padded only to its longest sample gives the
-    result at the trained length, `serving_waveform` (when present) agrees with the Keras
+    result at the trained length, the `functionals` input (when the model has one) reaches
+    the model unchanged, `serving_waveform` (when present) agrees with the Keras
     model on in-process log-mel features, and `saved_model_cli show --all` lists every
     signature with its named inputs and outputs.
 
@@ -1011,16 +1146,20 @@ def _waveform_case(metadata: dict, batch: int, rng: np.random.Generator):
     feats, mask = logmel_tf(tf.constant(waves), tf.constant(lengths))
     request = {"waveform": waves, "waveform_length": lengths}
     features = {"audio": np.asarray(feats, "float32"), "audio_mask": np.asarray(mask, "int32")}
-    if "text" in metadata["modalities"]:
-        text_req, _ = _random_case({**metadata, "modalities": ["text"]}, batch, rng)
-        request.update(text_req)
-        features.update(text_req)
+    # The other inputs (text, functionals) as in `serving_default`.
+    others = [m for m in metadata["modalities"] if m != "audio"]
+    other_req, _ = _random_case({**metadata, "modalities": others}, batch, rng)
+    request.update(other_req)
+    features.update(other_req)
     return request, _fit_numpy(features, metadata)
 
 
 def _fit_numpy(inputs: dict, metadata: dict) -> dict:
-    """numpy twin of `fit_length` for every modality in `inputs`."""
+    """numpy twin of `fit_length` for every modality in `inputs` (`functionals`, which has
+    no time axis, passes unchanged)."""
     fixed = {}
+    if FUNCTIONALS_INPUT in inputs:
+        fixed[FUNCTIONALS_INPUT] = np.asarray(inputs[FUNCTIONALS_INPUT], "float32")
     for mod in metadata["modalities"]:
         if mod not in inputs:
             continue
@@ -1146,6 +1285,17 @@ def check_request(inputs: dict, expected: dict, where: str) -> None:
         batches.add(shape[0])
     if len(batches) > 1:
         raise ValueError(f"{where}: inputs disagree on the batch size {sorted(batches)}")
+    if FUNCTIONALS_INPUT in expected:
+        try:
+            values = np.asarray(inputs[FUNCTIONALS_INPUT], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: input 'functionals' is not a numeric array") from None
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=-1)).tolist()
+        if bad:
+            raise ValueError(
+                f"{where}: input 'functionals' holds NaN/inf in row(s) {bad[:10]}; every "
+                "value must be finite (openSMILE gives NaN for audio that is too short)"
+            )
     for name in expected:
         if name.endswith("_mask") and name[: -len("_mask")] in expected:
             t_x, t_m = np.shape(inputs[name[: -len("_mask")]])[1], np.shape(inputs[name])[1]

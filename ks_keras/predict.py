@@ -12,6 +12,12 @@ any extraction the request's extractors are compared with the fingerprints store
 model: a different model folder, layer, log-mel setting, … is an error, not a silent wrong
 number.
 
+A model with an openSMILE functionals input (`features.functionals`, export metadata
+`functionals`) gets them computed for the request's audio files (one openSMILE child process per
+call, `ks_keras.features.functionals.extract_files`) and, when it was trained with
+`features.audio.normalize: speaker`, z-normalised per speaker from the request's utterances of
+each speaker (`speaker_normalize`, training's rule), as the audio frames are.
+
 Example:
 
 ```python
@@ -45,6 +51,8 @@ from ks_keras.export import (
     load_keras_model,
     make_serving_functions,
     metadata_config,
+    metadata_functionals,
+    model_input_names,
     read_model_sidecar,
     sidecar_path,
 )
@@ -136,7 +144,17 @@ class RequestFeaturizer:
         # Global statistics are applied by the model runner (in the exported graph); per-speaker
         # statistics can only come from the request's own utterances, so they are applied here.
         self.normalization = metadata.get("normalization")
-        self.per_speaker = bool(self.normalization and self.normalization["mode"] == "speaker")
+        self.audio_per_speaker = bool(
+            self.normalization and self.normalization["mode"] == "speaker"
+        )
+        # openSMILE functionals input (None when the model has none): computed here.
+        self.functionals = metadata_functionals(metadata)
+        self.functionals_per_speaker = bool(
+            self.functionals and self.functionals["normalize"] == "speaker"
+        )
+        # Any per-speaker step: a manifest's rows of one speaker are then featurised together.
+        self.per_speaker = self.audio_per_speaker or self.functionals_per_speaker
+        self._functionals_checked = False
 
     def extractor(self, modality: str):
         """The request's extractor for `modality`, checked against the model's (built once)."""
@@ -161,6 +179,43 @@ class RequestFeaturizer:
         """Build and check every extractor now (fail before reading any file)."""
         for modality in self.modalities:
             self.extractor(modality)
+        self.check_functionals()
+
+    def check_functionals(self) -> None:
+        """The request's `features.functionals` is the model's and openSMILE is installed
+        (a model without a functionals input needs neither)."""
+        if self.functionals is None or self._functionals_checked:
+            return
+        import importlib.metadata
+
+        from ks_keras.features.functionals import (
+            FEATURE_SETS,
+            FUNCTIONAL_DIMS,
+            opensmile_available,
+        )
+
+        trained = self.functionals
+        requested = self.config.features.functionals
+        try:
+            version = importlib.metadata.version("opensmile")
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        request = {
+            **trained,
+            "set": requested,
+            "opensmile_set": FEATURE_SETS.get(requested),
+            "dim": FUNCTIONAL_DIMS.get(requested, 0),
+            "packages": {"opensmile": version},
+        }
+        self.notes += compare_extractor_metadata(trained, request, "functionals")
+        if not opensmile_available():
+            raise ValueError(
+                f"the model reads openSMILE {trained.get('opensmile_set', trained['set'])} "
+                "functionals (features.functionals="
+                f"{trained['set']!r}): install the opensmile package (pip install -e "
+                "'.[baseline]')"
+            )
+        self._functionals_checked = True
 
     def load_waveforms(self, paths: list[str | Path]) -> tuple[list[np.ndarray], list[list[str]]]:
         """Decode, mix to mono and resample; per-file notes (resampling, quality warnings)."""
@@ -241,10 +296,7 @@ class RequestFeaturizer:
         """
         from ks_keras.data import STD_FLOOR
 
-        speakers = list(speakers) if speakers is not None else [None] * len(feats)
-        groups: dict[Any, list[int]] = {}
-        for i, speaker in enumerate(speakers):
-            groups.setdefault(speaker if speaker else ("utterance", i), []).append(i)
+        groups = speaker_groups(speakers, len(feats))
         out: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
         notes: list[list[str]] = [[] for _ in feats]
         for key, idx in groups.items():
@@ -266,6 +318,116 @@ class RequestFeaturizer:
                         f"speaker {key!r}"
                     )
         return out, notes
+
+    def functionals_matrix(
+        self,
+        paths: list,
+        speakers: list[str | None] | None = None,
+        names: list[str] | None = None,
+    ) -> tuple[np.ndarray, list[list[str]]]:
+        """`[N, D]` openSMILE functionals of audio files, as the model's training made them.
+
+        One child process extracts the whole list (`extract_files`); with per-speaker
+        normalisation (metadata `functionals.normalize: speaker`) each speaker's rows are then
+        z-normalised with the statistics of that speaker's files here (`speaker_normalize`,
+        training's function). A file without a speaker is normalised alone; like a speaker's
+        only file (in training too) it then gets all-zero functionals; both are noted.
+
+        Raises:
+            BadAudioError: files openSMILE cannot process or whose functionals are NaN/inf
+                (e.g. too short), one message per file.
+        """
+        from ks_keras.features.functionals import speaker_normalize
+
+        self.check_functionals()
+        spec = self.functionals
+        names = names or [str(p) for p in paths]
+        matrix = self._extract_functionals(paths)
+        notes: list[list[str]] = [[] for _ in paths]
+        if self.functionals_per_speaker:
+            groups = speaker_groups(speakers, len(paths))
+            keys = np.zeros(len(paths), np.int64)
+            for g, idx in enumerate(groups.values()):
+                keys[idx] = g
+            matrix = speaker_normalize(matrix, keys)
+            for key, idx in groups.items():
+                if len(idx) > 1:
+                    continue
+                i = idx[0]
+                if isinstance(key, tuple):
+                    who = "with no speaker given"
+                else:
+                    who = f"as the only utterance of speaker {key!r}"
+                notes[i].append(
+                    f"{names[i]}: the model was trained with per-speaker normalisation of its "
+                    f"openSMILE {spec.get('opensmile_set', spec['set'])} functionals; {who}, "
+                    "they are normalised with this utterance's own statistics, which makes "
+                    "them all zero (give several utterances per speaker for the trained "
+                    "behaviour)"
+                )
+        return matrix.astype(np.float32), notes
+
+    def _extract_functionals(self, paths: list) -> np.ndarray:
+        """Raw `[N, D]` functionals; every file openSMILE fails on is named."""
+        from ks_keras.features.functionals import extract_files
+
+        spec = self.functionals
+        label = f"openSMILE {spec.get('opensmile_set', spec['set'])} functionals"
+
+        def extract(batch):
+            return extract_files(
+                batch, spec["set"], sample_rate=int(spec.get("sample_rate", 16000))
+            )
+
+        try:
+            matrix = extract(paths)
+        except RuntimeError as e:
+            if len(paths) == 1:
+                raise BadAudioError([f"{paths[0]}: {e}"]) from None
+            # The batch failed as a whole: one process per file names the culprit(s).
+            rows, errors = [], []
+            for path in paths:
+                try:
+                    rows.append(extract([path])[0])
+                except RuntimeError as err:
+                    errors.append(f"{path}: {err}")
+            if errors:
+                raise BadAudioError(errors) from None
+            matrix = np.stack(rows)
+        if matrix.shape != (len(paths), spec["dim"]):
+            raise ValueError(
+                f"{label}: expected [{len(paths)}, {spec['dim']}] values (the model's input), "
+                f"got {list(matrix.shape)}"
+            )
+        bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+        if bad.size:
+            raise BadAudioError(
+                [
+                    f"{paths[i]}: its {label} are NaN/inf (is the recording too short or silent?)"
+                    for i in bad
+                ]
+            )
+        return matrix
+
+    def _add_functionals(
+        self,
+        request: dict[str, np.ndarray],
+        notes: list[list[str]],
+        paths: list | None,
+        speakers: list[str | None] | None,
+        names: list[str] | None,
+    ) -> list[list[str]]:
+        """Add the `functionals` input to `request` (if the model has one); per-item notes."""
+        if self.functionals is None:
+            return notes
+        n = len(notes)
+        paths = self._audio_paths(paths, n)
+        if "audio" not in self.modalities:
+            # The model reads no audio frames, but the files must still be valid audio.
+            _, file_notes = self.load_waveforms(paths)
+            notes = [notes[i] + file_notes[i] for i in range(n)]
+        request["functionals"], extra = self.functionals_matrix(paths, speakers, names)
+        return [notes[i] + extra[i] for i in range(n)]
 
     @staticmethod
     def _audio_paths(paths: list | None, n: int) -> list:
@@ -315,23 +477,32 @@ class RequestFeaturizer:
         """
         if signature == DEFAULT_SIGNATURE:
             feats, notes = self.features(paths, texts, names)
-            if self.per_speaker and "audio" in feats:
+            if self.audio_per_speaker and "audio" in feats:
                 n = len(feats["audio"])
                 names = names or [str(p) for p in paths]
                 feats["audio"], norm_notes = self.normalize_speakers(
                     feats["audio"], speakers, names
                 )
                 notes = [notes[i] + norm_notes[i] for i in range(n)]
-            return self.batch(feats), notes
+            request = self.batch(feats)
+            notes = self._add_functionals(request, notes, paths, speakers, names)
+            return request, notes
         if signature != WAVEFORM_SIGNATURE:
             raise ValueError(
                 f"unknown signature {signature!r}; expected {DEFAULT_SIGNATURE!r} "
                 f"or {WAVEFORM_SIGNATURE!r}"
             )
         if WAVEFORM_SIGNATURE not in self.metadata.get("signatures", {}):
+            from ks_keras.export import waveform_signature_problem
+
+            try:
+                why = waveform_signature_problem(metadata_config(self.metadata))
+            except ValueError:  # metadata without a config
+                why = None
             raise ValueError(
-                f"this model has no {WAVEFORM_SIGNATURE} signature (only models "
-                "with the built-in log-mel audio front-end have one)"
+                f"this model has no {WAVEFORM_SIGNATURE} signature ("
+                + (why or "only models with the built-in log-mel audio front-end have one")
+                + f"); use {DEFAULT_SIGNATURE}"
             )
         # The graph computes the audio features; only text is extracted here.
         others = [m for m in self.modalities if m != "audio"]
@@ -340,6 +511,7 @@ class RequestFeaturizer:
         waves, notes = self.load_waveforms(self._audio_paths(paths, n))
         request = self.batch(feats)
         request.update(self.waveform_batch(waves))
+        notes = self._add_functionals(request, notes, paths, speakers, names)
         return request, notes
 
 
@@ -442,7 +614,7 @@ class Predictor:
             request_cfg = request_config(sidecar, config, overrides)
         model = load_keras_model(path)
         names = {t.name for t in model.inputs}
-        expected = {n for m in metadata["modalities"] for n in (m, f"{m}_mask")}
+        expected = set(model_input_names(metadata))
         if names != expected:
             raise ValueError(
                 f"{path}: model inputs {sorted(names)} do not match its metadata "
@@ -506,6 +678,16 @@ class Predictor:
             ]
         )
         return predictions_from_probabilities(probs, self.labels, paths, texts, ids, notes)
+
+
+def speaker_groups(speakers: list[str | None] | None, n: int) -> dict[Any, list[int]]:
+    """Item indices per speaker, in first-seen order; an item without a speaker is a group of
+    its own, keyed `("utterance", i)`."""
+    speakers = list(speakers) if speakers is not None else [None] * n
+    groups: dict[Any, list[int]] = {}
+    for i, speaker in enumerate(speakers):
+        groups.setdefault(speaker if speaker else ("utterance", i), []).append(i)
+    return groups
 
 
 class BadAudioError(ValueError):

@@ -14,7 +14,10 @@ documented formats and reads the answers:
 
 Turning audio files and transcripts into the request uses the export's own metadata (a local
 copy of `saved_models/<name>/<version>/assets/ks_keras.json`): the same extractors, checks and
-crop/pad rule as `ks-keras predict` (`ks_keras.predict.RequestFeaturizer`).
+crop/pad rule as `ks-keras predict` (`ks_keras.predict.RequestFeaturizer`). A model with an
+openSMILE functionals input also gets `"functionals": [[...D values...], ...]` (`[B, D]`
+float32, no mask), computed and (per speaker, where the model was trained so) normalised on
+the client: openSMILE cannot run inside TF Serving.
 
 Example:
 
@@ -22,7 +25,7 @@ Example:
 predictor = serving_predictor("saved_models/ks_keras", rest_url="http://localhost:8501")
 [p] = predictor.predict_files(["a.wav"], ["I can't believe it"])
 
-# or lower level, with ready inputs
+# or lower level, with ready inputs (plus "functionals": f [B, D] if the export has that input)
 client = RestClient("http://localhost:8501", "ks_keras", version=1)
 client.predict({"audio": a, "audio_mask": am, "text": t, "text_mask": tm})
 ```

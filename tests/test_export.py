@@ -477,3 +477,196 @@ def test_graph_crops_only_models_that_ignore_padding(tmp_path, model_options, cr
         if op.type == "EnsureShape" and op.outputs[0].shape.rank == 3
     }
     assert lengths == ({None} if crop else {AUDIO_MAX, TEXT_MAX})
+
+
+# ---------------------------------------------------------------------------------------------
+# openSMILE functionals input (`features.functionals`, `model.functionals_dim`).
+
+FUNCTIONALS_DIM = 88  # eGeMAPSv02
+
+
+def functionals_config(**audio):
+    return tiny_config(
+        model={"functionals_dim": FUNCTIONALS_DIM},
+        features={
+            "functionals": "egemaps",
+            "audio": {"type": "logmel", "n_mels": 16, **audio},
+        },
+    )
+
+
+def with_functionals(rng, inputs, scale=1.0):
+    batch = len(next(iter(inputs.values())))
+    rows = rng.standard_normal((batch, FUNCTIONALS_DIM)) * scale
+    return dict(inputs, functionals=rows.astype("float32"))
+
+
+@pytest.fixture(scope="module")
+def functionals_export(tmp_path_factory):
+    """A verified export (fresh process + saved_model_cli) of a model with functionals."""
+    keras.utils.set_random_seed(2)
+    cfg = functionals_config()
+    model = build_model(cfg)
+    # Non-trivial standardisation statistics, so the functionals visibly move the output.
+    norm = model.get_layer("opensmile_functionals_norm")
+    rng = np.random.default_rng(0)
+    gamma, beta, _, _ = norm.get_weights()
+    norm.set_weights(
+        [
+            gamma,
+            beta,
+            rng.standard_normal(FUNCTIONALS_DIM).astype("float32"),
+            (0.5 + rng.random(FUNCTIONALS_DIM)).astype("float32"),
+        ]
+    )
+    base = tmp_path_factory.mktemp("saved_models_functionals")
+    path = ex.export_model(
+        model, cfg, LABELS, feature_metadata(cfg), base_dir=base, name="fx", verify=True
+    )
+    return cfg, model, path
+
+
+def test_functionals_metadata_signature_and_no_waveform(functionals_export):
+    cfg, _, path = functionals_export
+    meta = json.loads((path / "assets" / "ks_keras.json").read_text())
+    assert meta["format_version"] == ex.FORMAT_VERSION
+    assert meta["inputs"] == {
+        "audio": {"dim": 16, "max_len": AUDIO_MAX},
+        "text": {"dim": 8, "max_len": TEXT_MAX},
+        "functionals": {"dim": FUNCTIONALS_DIM},
+    }
+    functionals = meta["functionals"]
+    assert {k: functionals[k] for k in ("set", "opensmile_set", "dim", "normalize")} == {
+        "set": "egemaps",
+        "opensmile_set": "eGeMAPSv02",
+        "dim": FUNCTIONALS_DIM,
+        "normalize": "none",
+    }
+    assert functionals["sample_rate"] == 16000 and functionals["packages"]["opensmile"]
+    # openSMILE cannot run in the graph: no raw-waveform signature, and the metadata says why.
+    assert set(meta["signatures"]) == {"serving_default"}
+    assert "openSMILE functionals" in meta["notes"][0]
+    assert meta["signatures"]["serving_default"]["inputs"]["functionals"] == {
+        "dtype": "float32",
+        "shape": [None, FUNCTIONALS_DIM],
+    }
+    loaded = tf.saved_model.load(str(path))
+    assert sorted(loaded.signatures) == ["serving_default"]
+    _, kwargs = loaded.signatures["serving_default"].structured_input_signature
+    assert {k: (v.dtype, v.shape.as_list()) for k, v in kwargs.items()} == {
+        "audio": (tf.float32, [None, None, 16]),
+        "audio_mask": (tf.int32, [None, None]),
+        "text": (tf.float32, [None, None, 8]),
+        "text_mask": (tf.int32, [None, None]),
+        "functionals": (tf.float32, [None, FUNCTIONALS_DIM]),
+    }
+    # Per-speaker normalisation is recorded for the functionals too.
+    speaker = ex.build_metadata(
+        functionals_config(normalize="speaker"), LABELS, feature_metadata(cfg)
+    )
+    assert speaker["functionals"]["normalize"] == "speaker"
+    problem = ex.waveform_signature_problem(functionals_config())
+    assert "openSMILE functionals" in problem and "egemaps" in problem
+
+
+def test_functionals_export_matches_keras(functionals_export):
+    _, model, path = functionals_export
+    loaded = ex.load_exported(path)
+    rng = np.random.default_rng(4)
+    for batch in (1, 3):
+        inputs = with_functionals(rng, random_inputs(rng, batch))
+        got = loaded.predict(inputs)["probabilities"]
+        np.testing.assert_allclose(got, keras_probs(model, inputs), atol=1e-5)
+        # The functionals reach the model: other values give other probabilities.
+        other = dict(inputs, functionals=inputs["functionals"] + 3.0)
+        assert np.abs(loaded.predict(other)["probabilities"] - got).max() > 1e-4
+    # Longer sequences are still cropped; the functionals pass unchanged.
+    long = with_functionals(rng, random_inputs(rng, 2, audio_len=AUDIO_MAX + 4))
+    cropped = dict(
+        long, audio=long["audio"][:, :AUDIO_MAX], audio_mask=long["audio_mask"][:, :AUDIO_MAX]
+    )
+    np.testing.assert_allclose(
+        loaded.predict(long)["probabilities"], keras_probs(model, cropped), atol=1e-5
+    )
+    # verify_export compares the functionals path too (and catches other weights there).
+    report = ex.verify_export(path, model, batch_sizes=(2,), check_cli=False)
+    assert report.max_abs_diff <= 1e-5
+    other = build_model(functionals_config())
+    other.set_weights(model.get_weights())
+    norm = other.get_layer("opensmile_functionals_norm")
+    gamma, beta, mean, var = norm.get_weights()
+    norm.set_weights([gamma, beta, mean + 1.0, var])
+    with pytest.raises(ValueError, match="differs from the Keras model"):
+        ex.verify_export(path, other, batch_sizes=(2,), check_cli=False)
+
+
+def test_functionals_bad_requests_are_clear_errors(functionals_export):
+    _, _, path = functionals_export
+    loaded = ex.load_exported(path)
+    rng = np.random.default_rng(6)
+    good = with_functionals(rng, random_inputs(rng, 2))
+    with pytest.raises(ValueError, match=r"input 'functionals' has shape \(2, 87\)"):
+        loaded.predict(dict(good, functionals=good["functionals"][:, :87]))
+    with pytest.raises(ValueError, match=r"missing \['functionals'\]"):
+        loaded.predict({k: v for k, v in good.items() if k != "functionals"})
+    nan = good["functionals"].copy()
+    nan[1, 5] = np.nan
+    with pytest.raises(ValueError, match=r"'functionals' holds NaN/inf in row\(s\) \[1\]"):
+        loaded.predict(dict(good, functionals=nan))
+    # The graph's own checks, as TF Serving would report them to a client.
+    fn = loaded.loaded.signatures["serving_default"]
+    for request, message in [
+        (dict(good, functionals=nan), "'functionals' holds NaN/inf"),
+        (
+            dict(good, functionals=good["functionals"][:1]),
+            "'functionals' and 'audio' must have the same batch size",
+        ),
+    ]:
+        with pytest.raises(tf.errors.InvalidArgumentError) as info:
+            fn(**{k: tf.constant(v) for k, v in request.items()})
+        assert ex.tf_error_summary(info.value).startswith(message)
+
+
+def test_functionals_model_must_match_config(functionals_export, tmp_path):
+    cfg, model, path = functionals_export
+    meta = feature_metadata(cfg)
+    # A model without the input, exported with a config that has it (and the reverse).
+    plain = build_model(tiny_config())
+    with pytest.raises(ValueError, match=r"expected inputs .*'functionals'"):
+        ex.export_model(plain, cfg, LABELS, meta, base_dir=tmp_path, verify=False)
+    with pytest.raises(ValueError, match="do not match"):
+        ex.export_model(model, tiny_config(), LABELS, meta, base_dir=tmp_path, verify=False)
+    # features.functionals and model.functionals_dim must agree.
+    with pytest.raises(ValueError, match="model.functionals_dim=88 but features.functionals"):
+        ex.build_metadata(tiny_config(model={"functionals_dim": FUNCTIONALS_DIM}), LABELS, meta)
+    assert not any(tmp_path.iterdir())
+    # Metadata written before the input existed still loads (no functionals); metadata that
+    # names the input but not how it was made is refused.
+    exported = json.loads((path / "assets" / "ks_keras.json").read_text())
+    old = {k: v for k, v in exported.items() if k != "functionals"}
+    old["inputs"] = {k: v for k, v in old["inputs"].items() if k != "functionals"}
+    assert ex.metadata_functionals(old) is None
+    assert "functionals" not in ex.feature_input_specs(old)
+    assert ex.model_input_names(old) == ["audio", "audio_mask", "text", "text_mask"]
+    assert ex.model_input_names(exported)[-1] == "functionals"
+    broken = dict(exported, functionals=None)
+    with pytest.raises(ValueError, match="no valid 'functionals' entry"):
+        ex.metadata_functionals(broken)
+
+
+def test_functionals_ensemble_exports_like_a_single_model(tmp_path):
+    from ks_keras.ensemble import ensemble_model
+
+    keras.utils.set_random_seed(8)
+    cfg = functionals_config()
+    model = ensemble_model([build_model(cfg, name=f"member_{i}") for i in (1, 2)])
+    path = ex.export_model(
+        model, cfg, LABELS, feature_metadata(cfg), base_dir=tmp_path, name="ens", verify=False
+    )
+    rng = np.random.default_rng(9)
+    inputs = with_functionals(rng, random_inputs(rng, 3))
+    np.testing.assert_allclose(
+        ex.load_exported(path).predict(inputs)["probabilities"],
+        keras_probs(model, inputs),
+        atol=1e-5,
+    )

@@ -493,3 +493,122 @@ def test_prediction_manifest_with_an_unquoted_comma_names_the_line(audio_model, 
     code, _, err = run_cli(["predict", "--manifest", str(manifest), "--model", str(export_dir)],
                            capsys)  # fmt: skip
     assert code == 1 and "line 3: 3 fields for 2 columns" in err and "line 2" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# openSMILE functionals input (`features.functionals`).
+
+
+def functionals_config(**audio):
+    cfg = tiny_config(**audio)
+    data = cfg.to_dict()
+    data["model"]["functionals_dim"] = 88
+    data["features"]["functionals"] = "egemaps"
+    return config_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def functionals_model(tmp_path_factory):
+    """An audio + eGeMAPS model trained with per-speaker normalisation: export, .keras file
+    with sidecar, and wav files of two speakers (s1: a, b; s2: c)."""
+    root = tmp_path_factory.mktemp("functionals")
+    keras.utils.set_random_seed(13)
+    cfg = functionals_config(normalize="speaker")
+    model = build_model(cfg)
+    export_dir = ex.export_model(
+        model, cfg, LABELS, feature_metadata(cfg), base_dir=root / "sm", name="fx", verify=False
+    )
+    keras_path = root / "run" / "best.keras"
+    keras_path.parent.mkdir()
+    model.save(keras_path)
+    ex.write_model_sidecar(keras_path, cfg, LABELS, feature_metadata(cfg))
+    files = [
+        write_tone(root / "a.wav", 0.5, freq=180.0, seed=21),
+        write_tone(root / "b.wav", 0.6, freq=330.0, seed=22),
+        write_tone(root / "c.wav", 0.4, freq=520.0, seed=23),
+    ]
+    return cfg, model, export_dir, keras_path, files
+
+
+def test_functionals_predict_keras_and_export_match_hand_made_inputs(functionals_model):
+    from ks_keras.audio import load_audio
+    from ks_keras.data import STD_FLOOR
+    from ks_keras.features.functionals import extract_files, speaker_normalize
+
+    cfg, model, export_dir, keras_path, files = functionals_model
+    speakers = ["s1", "s1", "s2"]
+    # By hand: log-mel and eGeMAPS functionals, each normalised per speaker.
+    feats = get_audio_extractor(cfg.features.audio).extract([load_audio(p) for p in files])
+    pooled = np.concatenate(feats[:2]).astype(np.float64)
+    mean, std = pooled.mean(0), np.maximum(pooled.std(0), STD_FLOOR)
+    feats = [(f - mean) / std for f in feats[:2]] + [
+        (feats[2] - feats[2].mean(0)) / np.maximum(feats[2].std(0), STD_FLOOR)
+    ]
+    raw = extract_files(files, "egemaps")
+    functionals = speaker_normalize(raw, speakers)
+    assert functionals.shape == (3, 88) and not functionals[2].any()  # s2 has one utterance
+    fixed = [pad_or_crop(f, AUDIO_MAX) for f in feats]
+    inputs = {
+        "audio": np.stack([x for x, _ in fixed]).astype(np.float32),
+        "audio_mask": np.stack([m for _, m in fixed]),
+        "functionals": functionals,
+    }
+    want = keras.ops.convert_to_numpy(keras.ops.softmax(model(inputs, training=False)))
+
+    featurizer = RequestFeaturizer(ex.load_export_metadata(export_dir)[1])
+    request, notes = featurizer.inputs(files, None, speakers=speakers)
+    np.testing.assert_allclose(request["functionals"], functionals, rtol=1e-5, atol=1e-5)
+    assert notes[0] == [] and any("only utterance of speaker 's2'" in n for n in notes[2])
+    for source in (export_dir, keras_path):
+        got = Predictor.load(source).predict_files(files, None, speakers=speakers, batch_size=2)
+        np.testing.assert_allclose([list(p.probabilities.values()) for p in got], want, atol=1e-5)
+    # Without per-speaker normalisation the raw functionals are the input.
+    raw_meta = ex.build_metadata(functionals_config(), LABELS, feature_metadata(cfg))
+    raw_request, _ = RequestFeaturizer(raw_meta).inputs(files[:2], None)
+    np.testing.assert_allclose(raw_request["functionals"], raw[:2], rtol=1e-6)
+
+
+def test_functionals_manifest_pools_speakers_and_names_bad_files(
+    functionals_model, tmp_path, capsys
+):
+    _, _, export_dir, _, files = functionals_model
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"id,path,speaker\nu1,{files[0]},s1\nu2,{files[2]},s2\nu3,{files[1]},s1\n")
+    code, out, err = run_cli(
+        ["predict", "--manifest", str(manifest), "--model", str(export_dir), "--json",
+         "--no-progress", "--batch-size", "1"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    preds = json.loads(out)["predictions"]
+    direct = Predictor.load(export_dir).predict_files(
+        [files[0], files[1]], None, speakers=["s1", "s1"]
+    )
+    for got, want in zip([preds[0], preds[2]], direct):
+        np.testing.assert_allclose(
+            [got["probabilities"][lab] for lab in LABELS],
+            list(want.probabilities.values()),
+            atol=1e-5,
+        )
+    # A file that does not decode: the audio path's error, the file named.
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    code, _, err = run_cli(["predict", str(corrupt), "--model", str(export_dir)], capsys)
+    assert code == 1 and "corrupt.wav: cannot decode audio" in err and "Traceback" not in err
+    # Functionals openSMILE cannot compute (NaN for a few ms of audio): every file named.
+    short = write_tone(tmp_path / "short.wav", 0.01, seed=3)
+    featurizer = RequestFeaturizer(ex.load_export_metadata(export_dir)[1])
+    with pytest.raises(ValueError, match=r"short\.wav: its openSMILE eGeMAPSv02 functionals"):
+        featurizer.functionals_matrix([files[0], short])
+
+
+def test_functionals_request_settings_must_be_the_models(functionals_model):
+    _, _, export_dir, _, files = functionals_model
+    with pytest.raises(ValueError, match="feature extractor mismatch for functionals"):
+        Predictor.load(export_dir, overrides=["features.functionals=compare"])
+    predictor = Predictor.load(export_dir)
+    with pytest.raises(ValueError, match="no serving_waveform signature .*openSMILE functionals"):
+        predictor.featurizer.inputs(files[:1], None, signature="serving_waveform")
+    # A single file without a speaker: normalised alone (all zeros), and said so.
+    [pred] = predictor.predict_files(files[:1], None)
+    assert any("with no speaker given" in n and "all zero" in n for n in pred.notes)

@@ -496,3 +496,75 @@ def test_labels_txt_that_disagrees_with_the_metadata_is_refused(served, tmp_path
     (copy / "assets" / "labels.txt").write_text("angry\nhappy\nsad\n")
     with pytest.raises(ValueError, match=r"labels.txt: lists \['angry', 'happy', 'sad'\]"):
         ex.load_export_metadata(copy)
+
+
+# ---------------------------------------------------------------------------------------------
+# openSMILE functionals input: computed on the client, sent as a 2-D input without mask.
+
+
+@pytest.fixture(scope="module")
+def served_functionals(served, tmp_path_factory):
+    """An audio + eGeMAPS export (per-speaker normalisation), loaded, with a local predictor."""
+    root = tmp_path_factory.mktemp("serving_functionals")
+    cfg = config_from_dict(
+        {
+            "model": {
+                "modalities": ["audio"], "audio_dim": 16, "num_heads": 2, "audio_ffn_dim": 16,
+                "n_fem": 1, "n_ccab": 1, "n_dfm": 1, "head_units": [16], "num_classes": 4,
+                "functionals_dim": 88,
+            },
+            "features": {
+                "audio": {"type": "logmel", "n_mels": 16, "normalize": "speaker"},
+                "functionals": "egemaps",
+            },
+            "data": {"audio_max_len": 30, "labels": LABELS},
+        }
+    )  # fmt: skip
+    keras.utils.set_random_seed(6)
+    model = build_model(cfg)
+    meta = {"audio": get_audio_extractor(cfg.features.audio).metadata}
+    export_dir = ex.export_model(
+        model, cfg, LABELS, meta, base_dir=root / "saved_models", name=NAME, verify=False
+    )
+    loaded = tf.saved_model.load(str(export_dir))
+    return export_dir, loaded, served[2], Predictor.load(export_dir)
+
+
+def test_rest_and_grpc_requests_carry_the_functionals(served_functionals):
+    export_dir, loaded, wavs, local = served_functionals
+    speakers = ["s1", "s1", "s2"]
+    server = _StubServer(("127.0.0.1", 0), _StubHandler)
+    server.loaded, server.requests, server.problems = loaded, [], []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote = serving.serving_predictor(export_dir, rest_url=url)
+        got = remote.predict_files(wavs, None, speakers=speakers)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    want = local.predict_files(wavs, None, speakers=speakers)
+    np.testing.assert_allclose(_probs(got), _probs(want), atol=1e-6)
+    assert server.problems == []
+    [request] = server.requests
+    body = json.loads(request["raw"])
+    assert body["signature_name"] == "serving_default"
+    assert set(body["inputs"]) == {"audio", "audio_mask", "functionals"}
+    functionals = np.asarray(body["inputs"]["functionals"])
+    assert functionals.shape == (3, 88) and np.isfinite(functionals).all()
+    # Normalised per speaker on the client: s1's two rows have mean 0, s2's one row is 0.
+    np.testing.assert_allclose(functionals[:2].mean(axis=0), 0.0, atol=1e-5)
+    assert not functionals[2].any()
+    # gRPC: one float32 [3, 88] tensor; a request without it is refused before sending.
+    meta = ex.load_export_metadata(export_dir)[1]
+    inputs, _ = RequestFeaturizer(meta).inputs(wavs, None, speakers=speakers)
+    proto = serving.grpc_predict_request(inputs, NAME, metadata=meta).inputs["functionals"]
+    assert proto.dtype == tf.float32.as_datatype_enum
+    assert [d.size for d in proto.tensor_shape.dim] == [3, 88]
+    np.testing.assert_array_equal(tf.make_ndarray(proto), inputs["functionals"])
+    with pytest.raises(ValueError, match=r"missing \['functionals'\]"):
+        serving.rest_request_body(
+            {k: v for k, v in inputs.items() if k != "functionals"}, metadata=meta
+        )
