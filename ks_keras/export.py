@@ -189,9 +189,8 @@ def functionals_metadata(cfg: Config) -> dict | None:
         ValueError: `model.functionals_dim` disagrees with `features.functionals`.
     """
     import importlib.metadata
-    import inspect
 
-    from ks_keras.features.functionals import FEATURE_SETS, FUNCTIONAL_DIMS, extract_files
+    from ks_keras.features.functionals import FEATURE_SETS, FUNCTIONAL_DIMS
 
     dim, feature_set = cfg.model.functionals_dim, cfg.features.functionals
     if FUNCTIONAL_DIMS.get(feature_set, 0) != dim:
@@ -209,8 +208,8 @@ def functionals_metadata(cfg: Config) -> dict | None:
         "set": feature_set,
         "opensmile_set": FEATURE_SETS[feature_set],
         "dim": dim,
-        # Training extracts at `extract_files`' default rate (`corpus_functionals`).
-        "sample_rate": inspect.signature(extract_files).parameters["sample_rate"].default,
+        # Training extracts at the audio front-end's rate (`model_functionals`).
+        "sample_rate": cfg.features.audio.sample_rate,
         "normalize": "speaker" if cfg.features.audio.normalize == "speaker" else "none",
         "packages": {"opensmile": version},
     }

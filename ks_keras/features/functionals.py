@@ -88,7 +88,11 @@ def extract_files(
 
 
 def corpus_functionals(
-    corpus, cache_dir: str | Path, feature_set: str, progress: bool = True
+    corpus,
+    cache_dir: str | Path,
+    feature_set: str,
+    progress: bool = True,
+    sample_rate: int = 16000,
 ) -> np.ndarray:
     """`[N, D]` functionals in corpus order, cached as `.npz` under `cache_dir`.
 
@@ -104,7 +108,8 @@ def corpus_functionals(
             stamps.append([st.st_size, st.st_mtime_ns])
         except OSError:
             stamps.append(None)
-    key = hashlib.sha256(json.dumps([feature_set, items, stamps]).encode()).hexdigest()[:16]
+    identity = [feature_set, items, stamps] + ([sample_rate] if sample_rate != 16000 else [])
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     prefix = "egemaps" if feature_set == "egemaps" else f"functionals_{feature_set}"
     cache = Path(cache_dir) / f"{prefix}_{key}.npz"
     if not cache.is_file():
@@ -150,7 +155,11 @@ def model_functionals(cfg, corpus, progress: bool = True) -> dict[str, np.ndarra
     if feature_set == "none":
         return None
     matrix = corpus_functionals(
-        corpus, Path(cfg.features.cache_dir) / "functionals", feature_set, progress=progress
+        corpus,
+        Path(cfg.features.cache_dir) / "functionals",
+        feature_set,
+        progress=progress,
+        sample_rate=cfg.features.audio.sample_rate,
     )
     if cfg.features.audio.normalize == "speaker":
         matrix = speaker_normalize(matrix, [u.speaker for u in corpus.utterances])
