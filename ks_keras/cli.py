@@ -271,6 +271,9 @@ def configure_output(verbose: bool) -> None:
     else:
         # 3 also hides the E-level "failed call to cuInit" of a machine without a GPU.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        # TensorFlow's Python warnings (e.g. tf.function retracing of predict on length
+        # buckets) are developer hints, not something a user can act on.
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logger = logging.getLogger("ks_keras")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler())
