@@ -141,6 +141,7 @@ def write_space(tmp_path: Path, data: dict, name: str = "space.yaml") -> Path:
     [
         ("configs/paper.yaml", "tuning/paper_space.yaml"),
         ("configs/emodb_demo.yaml", "tuning/emodb_demo_space.yaml"),
+        ("configs/emodb_accurate.yaml", "tuning/accurate_space.yaml"),
     ],
 )
 def test_shipped_spaces_default_to_the_config(config, space):
