@@ -67,7 +67,9 @@ def pad_or_crop(x: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
 def class_weights(labels, n_classes: int) -> np.ndarray:
     """Balanced class weights `n / (n_classes * count_c)` (float32, mean over samples = 1).
 
-    A class absent from `labels` gets weight 0 (it never occurs, so it is never used).
+    A class absent from `labels` gets weight 1.0 (neutral; it never occurs in training).
+    `training.balanced_class_weights` is this function as the `{class: weight}` dict that
+    `fit(class_weight=...)` takes.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
@@ -81,7 +83,7 @@ def class_weights(labels, n_classes: int) -> np.ndarray:
             f"{labels.min()}..{labels.max()}"
         )
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, labels.size / (n_classes * np.maximum(counts, 1)), 0.0)
+    weights = np.where(counts > 0, labels.size / (n_classes * np.maximum(counts, 1)), 1.0)
     return weights.astype(np.float32)
 
 

@@ -366,7 +366,13 @@ def cross_validate(
             log(
                 f"    best epoch {None if result.best_epoch is None else result.best_epoch + 1}"
                 f" ({val_note}); test WA {metrics['wa']:.3f} "
-                f"UA {metrics['ua']:.3f} F1 {metrics['macro_f1']:.3f} [{seconds:.0f}s]"
+                f"UA {metrics['ua']:.3f} F1 {metrics['macro_f1']:.3f} [{seconds:.0f}s"
+                + (
+                    ", finished training reused"
+                    if all(m[0].epochs_run == 0 for m in members)
+                    else ""
+                )
+                + "]"
             )
             results.append(
                 FoldResult(
@@ -444,20 +450,92 @@ def _fit_fold_member(
         class_weight = balanced_class_weights(
             [label_of[i] for i in fold.train_ids], fold_cfg.model.num_classes
         )
-    result = fit(
-        lambda: build_model(fold_cfg),
-        train_ds,
-        val_ds,
-        fold_cfg,
-        run_dir,
-        class_weight=class_weight,
-        monitor="val_ua",
-        verbose=verbose,
-    )
+    identity = _member_identity(fold_cfg, fold, protocol)
+    result = finished_member(fold_cfg, run_dir, identity)
+    if result is None:
+        result = fit(
+            lambda: build_model(fold_cfg),
+            train_ds,
+            val_ds,
+            fold_cfg,
+            run_dir,
+            class_weight=class_weight,
+            monitor="val_ua",
+            verbose=verbose,
+        )
+        _write_json_atomic(Path(run_dir) / FINISHED_FILE, identity)
     logits = np.asarray(result.model.predict(test_ds, verbose=0), np.float64)
     logits -= logits.max(axis=-1, keepdims=True)
     probs = np.exp(logits)
     return result, probs / probs.sum(axis=-1, keepdims=True)
+
+
+# A member's run folder gets this record once its training has finished; a re-run of the same
+# evaluation (same report folder) reuses the finished member instead of training it again, so
+# a killed multi-hour cross-validation loses at most the member that was training (which
+# itself resumes from its backup).
+FINISHED_FILE = "finished.json"
+
+
+def _member_identity(fold_cfg: Config, fold: Fold, protocol: str) -> dict:
+    """What a finished member was trained on: config, protocol and the fold's utterances."""
+    import hashlib
+
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+    return {
+        "config": digest(fold_cfg.to_dict()),
+        "protocol": protocol,
+        "train_ids": digest(sorted(fold.train_ids)),
+        "val_ids": digest(sorted(fold.val_ids)),
+        "test_ids": digest(sorted(fold.test_ids)),
+    }
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def finished_member(fold_cfg: Config, run_dir: str | Path, identity: dict):
+    """The `FitResult` of a member that already finished in `run_dir`, or None.
+
+    Reused only when its `finished.json` matches `identity` (same config, same train,
+    validation and test utterances) and its best weights, best epoch and history are there.
+    """
+    from ks_keras.model import build_model
+    from ks_keras.training import BEST_WEIGHTS, FitResult
+
+    run_dir = Path(run_dir)
+    try:
+        record = json.loads((run_dir / FINISHED_FILE).read_text())
+        best = json.loads((run_dir / "best.json").read_text())
+        epochs = json.loads((run_dir / "history.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record != identity or not (run_dir / BEST_WEIGHTS).is_file():
+        return None
+    model = build_model(fold_cfg)
+    try:
+        model.load_weights(run_dir / BEST_WEIGHTS)
+    except Exception:  # torn or foreign weights: train again
+        return None
+    history: dict[str, list[float]] = {}
+    for entry in epochs:
+        for key, value in entry.items():
+            history.setdefault(key, []).append(value)
+    return FitResult(
+        model=model,
+        history=history,
+        best_epoch=best.get("epoch"),
+        best_value=best.get("value"),
+        monitor=best.get("monitor", "val_ua"),
+        run_dir=run_dir,
+        initial_epoch=len(epochs),
+        epochs_run=0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

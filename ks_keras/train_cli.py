@@ -105,7 +105,6 @@ def run_train(args) -> int:
 
 
 def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_speakers) -> int:
-    import keras
 
     from ks_keras.data import bucketing, compute_norm_stats, make_dataset
     from ks_keras.ensemble import ensemble_model, member_seed
@@ -114,7 +113,7 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     from ks_keras.features.functionals import model_functionals
     from ks_keras.metrics import compute_metrics
     from ks_keras.model import build_model
-    from ks_keras.training import balanced_class_weights, fit, worker_role
+    from ks_keras.training import balanced_class_weights, fit, float32_copy, worker_role
 
     cache = extract_corpus(cfg, corpus, progress=not args.no_progress)
     functionals = model_functionals(cfg, corpus, progress=not args.no_progress)
@@ -190,12 +189,15 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     # A plain float32 copy of the best weights (no optimizer state, no strategy) for export,
     # prediction and the validation report; predicting with it needs no collective ops. An
     # ensemble becomes one model averaging its members' probabilities.
-    keras.mixed_precision.set_global_policy("float32")
-    plains = []
-    for j, member in enumerate(results):
-        plain = build_model(cfg, name="ks_transformer" if n_members == 1 else f"member_{j + 1}")
-        plain.set_weights(member.model.get_weights())
-        plains.append(plain)
+    plains = [
+        float32_copy(
+            lambda j=j: build_model(
+                cfg, name="ks_transformer" if n_members == 1 else f"member_{j + 1}"
+            ),
+            member.model,
+        )
+        for j, member in enumerate(results)
+    ]
     plain = plains[0] if n_members == 1 else ensemble_model(plains)
     # Under `rotate`, members 2.. trained on member 1's validation speakers: score member 1
     # alone there, so the validation figures stay held-out.
@@ -208,7 +210,12 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
         plain.save(model_path)
         extractors = cache.metadata["extractors"]
         write_model_sidecar(
-            model_path, cfg, list(corpus.labels), {m: extractors[m] for m in modalities}
+            model_path,
+            cfg,
+            list(corpus.labels),
+            {m: extractors[m] for m in modalities},
+            # `global` statistics travel with the model (export applies them in-graph).
+            norm_stats=normalizer if mode == "global" else None,
         )
         split = {
             "train_speakers": train_speakers,

@@ -58,6 +58,7 @@ from keras import ops
 
 from ks_keras import compat
 from ks_keras.config import Config, TrainConfig, from_dict, save_config, validate_config
+from ks_keras.data import class_weights
 from ks_keras.files import read_utf8
 from ks_keras.metrics import UnweightedAverageRecall
 
@@ -433,18 +434,30 @@ def make_optimizer(train_cfg: TrainConfig, steps_per_epoch: int) -> keras.optimi
     return optimizer
 
 
+def float32_copy(model_builder: Callable[[], keras.Model], trained: keras.Model) -> keras.Model:
+    """A float32 copy of `trained` built outside any distribution strategy.
+
+    What `ks-keras train` and the tuner's retrain save and export: no optimizer state, no
+    mixed-precision casts, no collective ops when predicting. `model_builder` builds the same
+    architecture (e.g. `lambda: build_model(cfg)`); the global dtype policy is restored after.
+    """
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        keras.mixed_precision.set_global_policy("float32")
+        plain = model_builder()
+        plain.set_weights(trained.get_weights())
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return plain
+
+
 def balanced_class_weights(labels: Sequence[int], n_classes: int) -> dict[int, float]:
-    """`{class: n / (C * count)}` (scikit-learn's "balanced"); absent classes get 1.0."""
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if labels.size == 0:
-        raise ValueError("labels: no training labels to weight")
-    if labels.min() < 0 or labels.max() >= n_classes:
-        raise ValueError(f"labels: class ids must be in [0, {n_classes})")
-    counts = np.bincount(labels, minlength=n_classes)
-    return {
-        c: (float(labels.size / (n_classes * counts[c])) if counts[c] else 1.0)
-        for c in range(n_classes)
-    }
+    """`{class: n / (C * count)}` (scikit-learn's "balanced"); absent classes get 1.0.
+
+    The dict form of `data.class_weights` (one rule for every caller).
+    """
+    weights = class_weights(labels, n_classes)
+    return {c: float(w) for c, w in enumerate(weights)}
 
 
 # ---------------------------------------------------------------------------------------------

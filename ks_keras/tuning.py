@@ -73,6 +73,7 @@ from ks_keras.training import (
     compile_model,
     count_batches,
     fit,
+    float32_copy,
     get_strategy,
     make_lr_schedule,
     setup_precision_and_seeds,
@@ -1372,6 +1373,8 @@ class FoldData:
     feature_metadata: dict[str, dict]
     class_weight: dict[int, float] | None = None
     fold_info: dict | None = None
+    # The training statistics under `features.audio.normalize: global` (sidecar + export).
+    norm_stats: Any = None
 
 
 @dataclass
@@ -1482,7 +1485,9 @@ def finish_search(
         verbose=verbose,
         strategy=result.strategy,
     )
-    y_true, y_pred = _predict(fitted.model, data.test_ds)
+    # Saved, tested and exported as `ks-keras train` does: a float32 copy outside the strategy.
+    model = float32_copy(lambda: build_model(cfg), fitted.model)
+    y_true, y_pred = _predict(model, data.test_ds)
     metrics = compute_metrics(y_true, y_pred, cfg.model.num_classes)
     test = {k: float(metrics[k]) for k in ("wa", "ua", "macro_f1")}
     test["confusion"] = np.asarray(metrics["confusion"]).tolist()
@@ -1494,18 +1499,21 @@ def finish_search(
     )
 
     model_path = run_dir / "best.keras"
-    fitted.model.save(model_path)
-    write_model_sidecar(model_path, cfg, data.labels, data.feature_metadata)
+    model.save(model_path)
+    write_model_sidecar(
+        model_path, cfg, data.labels, data.feature_metadata, norm_stats=data.norm_stats
+    )
     export_path = None
     if export:
         export_path = export_model(
-            fitted.model,
+            model,
             cfg,
             data.labels,
             data.feature_metadata,
             base_dir=export_dir,
             name=export_name,
             verify=verify_export,
+            norm_stats=data.norm_stats,
         )
         log(f"exported SavedModel: {export_path}")
     record = {
@@ -1629,6 +1637,7 @@ def prepare_fold_data(
         labels=list(corpus.labels),
         feature_metadata={m: extractors[m] for m in cfg.model.modalities if m in extractors},
         class_weight=class_weight,
+        norm_stats=normalizer if mode == "global" else None,
         fold_info={
             "index": chosen.index,
             "name": chosen.name,

@@ -94,7 +94,7 @@ def test_pad_or_crop():
 
 def test_class_weights():
     w = class_weights([0, 0, 0, 1], 3)
-    np.testing.assert_allclose(w, [4 / 9, 4 / 3, 0.0])
+    np.testing.assert_allclose(w, [4 / 9, 4 / 3, 1.0])
     assert w.dtype == np.float32
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         class_weights([0, 2], 2)

@@ -163,3 +163,33 @@ def test_bad_setups_fail_before_training(tmp_path, capsys, override, message, mo
     assert rc == 1, err
     assert message in err
     assert not (tmp_path / "rep" / "metrics.json").exists()
+
+
+def test_a_rerun_reuses_finished_members_and_retrains_changed_ones(tmp_path):
+    """A killed multi-hour evaluation re-run in the same folder keeps its finished trainings."""
+    manifest = _corpus(tmp_path, speakers=("a", "b", "c"), per_class=2)
+    cfg = _cfg(tmp_path, manifest, "train.epochs=1")
+    logs = []
+
+    def run(config):
+        logs.clear()
+        cv, _ = evaluate_corpus(
+            config,
+            tmp_path / "rep",
+            max_folds=1,
+            baseline=False,
+            progress=False,
+            verbose=0,
+            log=logs.append,
+        )
+        return cv.results[0]
+
+    first = run(cfg)
+    assert not any("reused" in line for line in logs)
+    again = run(cfg)
+    assert any("finished training reused" in line for line in logs)
+    np.testing.assert_allclose(again.probs, first.probs, rtol=1e-5, atol=1e-6)
+    assert again.best_epoch == first.best_epoch
+    changed = run(_cfg(tmp_path, manifest, "train.epochs=1", "train.lr=1e-3"))
+    assert not any("reused" in line for line in logs)
+    assert changed.y_true.tolist() == first.y_true.tolist()

@@ -226,3 +226,21 @@ def test_diverging_training_fails_naming_the_epoch_and_saves_no_model(tmp_path, 
     assert "Traceback" not in err
     for name in ("best.keras", "best.keras.json", "best.weights.h5", "val_metrics.json"):
         assert not (run_dir / name).exists(), name
+
+
+def test_global_normalisation_run_saves_its_statistics_and_exports(tmp_path, capsys):
+    """Regression: `normalize: global` used to fail after training (sidecar without stats)."""
+    config = _config(tmp_path, _write_corpus(tmp_path / "wav"))
+    run_dir = tmp_path / "run"
+    args = ["--config", str(config), "--set", "features.audio.normalize=global"]
+    rc = main(["train", *args, "--run-dir", str(run_dir), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert (run_dir / "split.json").is_file() and (run_dir / "val_metrics.json").is_file()
+    norm = json.loads((run_dir / "best.keras.json").read_text())["normalization"]
+    assert norm["mode"] == "global" and len(norm["mean"]) == len(norm["std"]) == 16
+    rc = main(
+        ["export", "--model", str(run_dir / "best.keras"), "--base-dir", str(tmp_path / "out")]
+        + ["--name", "g", "--no-verify"]
+    )
+    assert rc == 0, capsys.readouterr().err

@@ -21,6 +21,7 @@ from ks_keras.training import (
     commit_weights,
     finish_pending_weights,
     fit,
+    float32_copy,
     get_strategy,
     make_lr_schedule,
     make_optimizer,
@@ -134,8 +135,12 @@ def test_make_optimizer_adam_and_sgd():
 def test_balanced_class_weights():
     weights = balanced_class_weights([0, 0, 0, 1], 3)
     assert weights == {0: pytest.approx(4 / 9), 1: pytest.approx(4 / 3), 2: 1.0}
-    with pytest.raises(ValueError, match="class ids"):
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
         balanced_class_weights([0, 3], 3)
+    # One rule for both helpers (they used to disagree on absent classes: 0 vs 1.0).
+    from ks_keras.data import class_weights
+
+    assert list(weights.values()) == pytest.approx(class_weights([0, 0, 0, 1], 3).tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +326,25 @@ def test_fit_mixed_precision(tmp_path, policy, model_name):
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     assert np.isfinite(result.history["loss"]).all() and np.isfinite(result.history["val_loss"])
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+
+
+def test_float32_copy_of_a_mixed_precision_model(tmp_path):
+    """`train` and the tuner's retrain save/export the same kind of model: a float32 copy."""
+    cfg = tiny_config(epochs=1, mixed_precision="mixed_bfloat16")
+    result = fit(
+        make_builder("mlp", cfg),
+        synthetic_dataset(16, 8),
+        synthetic_dataset(8, 8, seed=1, shuffle=False),
+        cfg,
+        tmp_path / "run",
+        verbose=0,
+    )
+    assert result.model.get_layer("audio_pool").compute_dtype == "bfloat16"
+    plain = float32_copy(make_builder("mlp", cfg), result.model)
+    assert all(layer.compute_dtype == "float32" for layer in plain.layers if layer.weights)
+    for a, b in zip(plain.get_weights(), result.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # a copy: the same values, bit for bit
+    assert keras.config.dtype_policy().name == "float32"
 
 
 @pytest.mark.parametrize("model_name", MODELS)

@@ -652,6 +652,20 @@ def test_prepare_fold_data_holds_out_validation_and_test_speakers(tiny_corpus):
         tuning.prepare_fold_data(cfg, fold=4, progress=False)
 
 
+def test_global_normalisation_statistics_reach_the_retrained_model(tiny_corpus):
+    """Regression: finish_search wrote the sidecar/export without `global` statistics."""
+    _, config_path = tiny_corpus
+    cfg = load_config(config_path, ["features.audio.normalize=global"])
+    data = tuning.prepare_fold_data(cfg, fold=0, progress=False)
+    stats = data.norm_stats.to_dict()
+    assert stats["mode"] == "global" and len(stats["mean"]) == 16
+    from ks_keras.export import normalization_metadata
+
+    assert normalization_metadata(cfg, data.norm_stats)["mode"] == "global"
+    speaker = tuning.prepare_fold_data(load_config(config_path), fold=0, progress=False)
+    assert speaker.norm_stats is None
+
+
 def test_cli_tune_exits_nonzero_when_no_trial_completes(tiny_corpus, tmp_path, monkeypatch, capsys):
     _, config_path = tiny_corpus
 
