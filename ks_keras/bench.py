@@ -1,9 +1,10 @@
-"""`ks-keras bench`: speed and memory of the KS-T + CCAB model, next to the authors' figures.
+"""`ks-keras bench`: speed and memory of the KS-T + CCAB model, and of a reference model on the
+same machine in the same run.
 
 Every figure is measured in a **fresh child process** (one measure per process, so no
 measure inherits another's allocator state, compiled functions or peak memory), after a
 warm-up that is excluded from the timings, as the median over several repetitions. The
-parent process never imports TensorFlow.
+parent process never imports TensorFlow (nor PyTorch).
 
 Measures (issue 8):
 
@@ -24,12 +25,20 @@ Measures (issue 8):
 Inputs are synthetic with realistic padding: each sample's real length is drawn uniformly
 between 30 % and 100 % of the maximum (audio 460 frames, text 20 tokens).
 
+Ratios are only ever taken between figures measured in the same run on this machine: with
+`--reference-dir`, the `train`, `infer` and `latency` measures also run the authors' PyTorch
+model (imported from the user's checkout, in child processes; `ks_keras.bench_reference`)
+with the same protocol, and the report puts both side by side. Without it the report gives
+our absolute figures and this machine's CPU; the figures measured once on another machine
+(`STORED_REFERENCE`) are shown as information, labelled with that machine, never divided by.
+
 Example:
 
 ```
 ks-keras bench                        # paper size, 20-40 min on 2 CPU cores
 ks-keras bench --quick                # tiny model, seconds (used by the tests)
 ks-keras bench --only train,attention --output reports/bench.json
+ks-keras bench --reference-dir ~/src/Key-Sparse-Transformer   # side by side, same run
 ```
 """
 
@@ -48,12 +57,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ks_keras import bench_reference
 from ks_keras.config import Config, load_config, padding_invariant
 
-# The authors' PyTorch implementation (torch 2.13 CPU, 2 threads, fresh process per measure,
-# warm-up until page faults settle) on a 2-core machine of the kind we use (issue 8).
-REFERENCE = {
-    "source": "authors' PyTorch implementation, torch 2.13 CPU, 2 threads, 2-core machine",
+# The authors' PyTorch implementation measured once on *another* machine (issue 8; torch 2.13
+# CPU, 2 threads, fresh process per measure, warm-up until page faults settle). Shown in the
+# report as information about that machine only: dividing this machine's figures by them
+# would mix two CPUs. Ratios come from `--reference-dir` (the same run, this machine).
+STORED_REFERENCE = {
+    "source": "authors' PyTorch implementation, torch 2.13 CPU, 2 threads",
+    "machine": "a 2-core Intel Xeon machine with AVX-512, without AVX-512-BF16/AMX "
+    "(another machine; issue 8)",
     "trainable_params": 85_324_676,
     "train_step_s": {"16": 11.1, "32": 22.9},
     "train_samples_per_s": {"16": 1.44, "32": 1.40},
@@ -62,13 +76,39 @@ REFERENCE = {
     "latency_ms": 176.0,
     "train_peak_rss_gib": 15.4,
 }
-# Targets on the same kind of machine (ours relative to the reference).
+# Targets for ours relative to the reference measured in the same run (`--reference-dir`),
+# at paper size; the attention target compares two layers of ours in the same run.
 TARGETS = {
     "train_throughput_ratio_min": 1.5,
     "latency_ratio_max": 0.7,
     "peak_rss_ratio_max": 0.6,
     "key_sparse_vs_dense_max": 1.15,
 }
+# CPU features that decide which kernels TensorFlow/oneDNN and PyTorch can use (x86 and Arm
+# names as /proc/cpuinfo spells them): the report lists those this machine has.
+CPU_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "asimdhp",
+    "sve",
+    "sve2",
+    "bf16",
+    "i8mm",
+)
 
 MEASURES = ("train", "infer", "latency", "attention", "xla", "precision", "pipeline")
 # The batch-1 latency measures: (measure name = ratio and target key, summary key in ms,
@@ -630,6 +670,8 @@ def _measure_profile(spec: dict[str, Any]) -> dict[str, Any]:
 def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measure described by `spec` (in this process) and return its result."""
     kind = spec["kind"]
+    if kind == "reference":  # PyTorch only: this process never imports TensorFlow
+        return bench_reference.measure_reference(spec)
     if kind in ("train", "infer", "latency"):
         result = _measure_model(spec)
     elif kind == "attention":
@@ -710,9 +752,20 @@ def resolve_settings(jit: str, precision: str, gpu: bool) -> tuple[bool, str, st
 
 
 def plan_measures(
-    cfg: Config, quick: bool, only: tuple[str, ...], use_jit: bool, policy: str, other: str
+    cfg: Config,
+    quick: bool,
+    only: tuple[str, ...],
+    use_jit: bool,
+    policy: str,
+    other: str,
+    reference: dict[str, Any] | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """`(name, spec)` for every child process of the run, in running order."""
+    """`(name, spec)` for every child process of the run, in running order.
+
+    With `reference` (`{"dir", "entry", "gpu"}`), each `train`, `infer` and plain `latency`
+    measure is followed by its twin on the reference model (`reference_<name>`): the same
+    spec (inputs, batch, warm-up, repetitions, precision), run by `bench_reference`.
+    """
     p = _plan(quick)
     base = {
         "model": json.loads(json.dumps(cfg.to_dict()["model"])),
@@ -730,9 +783,21 @@ def plan_measures(
     def add(name, **spec):
         plan.append((name, {**base, **spec}))
 
+    def add_reference_twin():
+        if reference is None:
+            return
+        name, spec = plan[-1]
+        plan.append(
+            (
+                f"reference_{name}",
+                {**spec, "kind": "reference", "measure": spec["kind"], "reference": reference},
+            )
+        )
+
     if "train" in only:
         for b in sorted(p["train_batches"], reverse=True):
             add(f"train_b{b}", kind="train", batch=b, jit=use_jit, precision=policy)
+            add_reference_twin()
     if "infer" in only:
         add(
             f"infer_b{p['infer_batch']}",
@@ -741,6 +806,7 @@ def plan_measures(
             jit=use_jit,
             precision=policy,
         )
+        add_reference_twin()
     if "latency" in only:
         # Several distinct requests (real lengths drawn like the training inputs), each seen
         # once in the warm-up; the median is over two or more rounds through all of them.
@@ -756,6 +822,7 @@ def plan_measures(
             repeats=max(p["latency_repeats"], 2 * n),
         )
         add("latency_b1", **requests)
+        add_reference_twin()
         # The serving graph (export, `ks-keras predict`): the same padded requests, cut after
         # their last real step inside the graph (the default model ignores padding).
         add("latency_b1_serving", serving="crop", **requests)
@@ -926,18 +993,55 @@ def summarize(
         "pipeline_share_of_step": _ratio(model_rate, pipe),
     }
 
-    r, ref = summary["vs_reference"], REFERENCE
+    # The reference model measured in this run (`--reference-dir`), and ours over it. Never
+    # a ratio to STORED_REFERENCE: those figures come from another machine.
+    def ref(name, key="samples_per_s"):
+        return get(f"reference_{name}", key)
+
+    ib = p["infer_batch"]
+    measured = any(name.startswith("reference_") for name in results)
+    ref_latency = ref("latency_b1", "median_s")
+    summary["reference"] = (
+        {
+            "train": {
+                str(b): {
+                    "samples_per_s": ref(f"train_b{b}"),
+                    "step_s": ref(f"train_b{b}", "median_s"),
+                    "peak_rss_gib": ref(f"train_b{b}", "peak_rss_gib"),
+                }
+                for b in p["train_batches"]
+                if ref(f"train_b{b}") is not None
+            },
+            "trainable_params": next(
+                (
+                    r["trainable_params"]
+                    for k, r in results.items()
+                    if k.startswith("reference_") and "trainable_params" in r
+                ),
+                None,
+            ),
+            "infer_samples_per_s": ref(f"infer_b{ib}"),
+            "latency_ms": None if ref_latency is None else 1000 * ref_latency,
+            "train_peak_rss_gib": ref(f"train_b{big}", "peak_rss_gib"),
+        }
+        if measured
+        else None
+    )
+    r = summary["vs_reference"]
+    theirs = summary["reference"] or {"train": {}}
     for b in p["train_batches"]:
-        ours = get(f"train_b{b}")
-        ref_rate = ref["train_samples_per_s"].get(str(b))
-        r[f"train_throughput_b{b}"] = _ratio(ours, ref_rate)
-    r["infer_throughput_b32"] = _ratio(
-        summary["infer_samples_per_s"], ref["infer_samples_per_s"]["32"]
+        r[f"train_throughput_b{b}"] = _ratio(
+            get(f"train_b{b}"), theirs["train"].get(str(b), {}).get("samples_per_s")
+        )
+    r[f"infer_throughput_b{ib}"] = _ratio(
+        summary["infer_samples_per_s"], theirs.get("infer_samples_per_s")
     )
     for name, key, _ in LATENCY_MEASURES:
-        r[name] = _ratio(summary[key], ref["latency_ms"])
-    r["train_peak_rss_b32"] = _ratio(summary["train_peak_rss_gib"], ref["train_peak_rss_gib"])
-    r["trainable_params"] = _ratio(params, ref["trainable_params"])
+        r[name] = _ratio(summary[key], theirs.get("latency_ms"))
+    r[f"train_peak_rss_b{big}"] = _ratio(
+        summary["train_peak_rss_gib"], theirs.get("train_peak_rss_gib")
+    )
+    r["trainable_params"] = _ratio(params, theirs.get("trainable_params"))
 
     t = TARGETS
 
@@ -954,16 +1058,16 @@ def summarize(
             r.get(f"train_throughput_b{small}"), t["train_throughput_ratio_min"], False
         ),
         **{name: check(r[name], t["latency_ratio_max"], True) for name, _, _ in LATENCY_MEASURES},
-        "train_peak_rss_b32": check(r["train_peak_rss_b32"], t["peak_rss_ratio_max"], True),
+        "train_peak_rss_b32": check(r[f"train_peak_rss_b{big}"], t["peak_rss_ratio_max"], True),
         "attention_fwd": check(c["attention"]["ratio_fwd"], t["key_sparse_vs_dense_max"], True),
         "attention_fwd_bwd": check(
             c["attention"]["ratio_fwd_bwd"], t["key_sparse_vs_dense_max"], True
         ),
     }
     if quick:
-        # A tiny model says nothing about the paper-size targets.
+        # A tiny model says nothing about the paper-size targets (the same-run ratios stay:
+        # both sides ran the same tiny sizes).
         summary["targets"] = {k: None for k in summary["targets"]}
-        summary["vs_reference"] = {k: None for k in summary["vs_reference"]}
     return summary
 
 
@@ -973,86 +1077,107 @@ def _fmt(value, spec=".2f", suffix=""):
     return f"{value:{spec}}{suffix}"
 
 
+def describe_cpu(cpu: dict[str, Any]) -> str:
+    """One line naming the CPU, its cores and the instruction-set flags that matter."""
+    flags = cpu.get("flags")
+    if flags is None:
+        flag_text = "unknown (no /proc/cpuinfo)"
+    else:
+        flag_text = " ".join(flags) or "none of " + " ".join(CPU_FLAGS)
+    return (
+        f"CPU: {cpu.get('model') or 'unknown'} ({cpu.get('machine') or '?'}), "
+        f"{cpu.get('cores')} cores available; flags: {flag_text}"
+    )
+
+
+def _stored_reference_lines() -> list[str]:
+    ref = STORED_REFERENCE
+    train = ", ".join(
+        f"{rate} (batch {b})" for b, rate in sorted(ref["train_samples_per_s"].items())
+    )
+    infer = ", ".join(f"{v} (batch {b})" for b, v in ref["infer_samples_per_s"].items())
+    return [
+        "Stored figures, information only (another machine: no ratios, no targets):",
+        f"  {ref['source']}",
+        f"  measured on {ref['machine']}",
+        f"  train samples/s {train}; inference samples/s {infer}",
+        f"  latency {ref['latency_ms']:.0f} ms (batch 1); peak RSS {ref['train_peak_rss_gib']} "
+        f"GiB (train batch 32); {ref['trainable_params']:,} trainable parameters",
+        "For ratios on this machine, measure the reference side by side: --reference-dir PATH "
+        "(docs/performance.md).",
+    ]
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """Our figures next to the authors' PyTorch figures, as a plain-text table."""
-    s, ref = report["summary"], REFERENCE
+    """Our figures (and the reference model's, when measured in the same run) as plain text.
+
+    Ratios and targets appear only for figures measured in this run on this machine.
+    """
+    s = report["summary"]
     quick = report["meta"]["quick"]
-    rows = [("measure", "ours", "PyTorch ref", "ours/ref", "target")]
-    for b, row in sorted(s["train"].items(), key=lambda kv: int(kv[0])):
-        rows.append(
-            (
-                f"train samples/s, batch {b}",
-                _fmt(row["samples_per_s"]),
-                _fmt(ref["train_samples_per_s"].get(b)),
-                _fmt(s["vs_reference"].get(f"train_throughput_b{b}")),
-                f">= {TARGETS['train_throughput_ratio_min']}",
-            )
+    theirs = s.get("reference")
+    r = s["vs_reference"]
+    p = _plan(quick)
+    big = max(p["train_batches"])
+    if theirs:
+        rows = [("measure", "ours", "reference", "ours/ref", "target")]
+    else:
+        rows = [("measure", "ours", "target")]
+
+    def row(label, ours, ref_value="", ratio="", target="", same_run_target=""):
+        """A table row; `target` applies to ours/ref, `same_run_target` to ours alone."""
+        if theirs:
+            rows.append((label, ours, ref_value, ratio, target or same_run_target))
+        else:
+            rows.append((label, ours, same_run_target))
+
+    train_target = f">= {TARGETS['train_throughput_ratio_min']}"
+    for b, ours in sorted(s["train"].items(), key=lambda kv: int(kv[0])):
+        ref_row = (theirs or {}).get("train", {}).get(b, {})
+        row(
+            f"train samples/s, batch {b}",
+            _fmt(ours["samples_per_s"]),
+            _fmt(ref_row.get("samples_per_s")),
+            _fmt(r.get(f"train_throughput_b{b}")),
+            train_target,
         )
-        rows.append(
-            (
-                f"train step s, batch {b}",
-                _fmt(row["step_s"], ".3f"),
-                _fmt(ref["train_step_s"].get(b), ".1f"),
-                "",
-                "",
-            )
+        row(
+            f"train step s, batch {b}",
+            _fmt(ours["step_s"], ".3f"),
+            _fmt(ref_row.get("step_s"), ".3f"),
         )
-    rows.append(
-        (
-            "inference samples/s, batch 32",
-            _fmt(s["infer_samples_per_s"]),
-            _fmt(ref["infer_samples_per_s"]["32"]),
-            _fmt(s["vs_reference"].get("infer_throughput_b32")),
-            "",
-        )
+    ib = p["infer_batch"]
+    row(
+        f"inference samples/s, batch {ib}",
+        _fmt(s["infer_samples_per_s"]),
+        _fmt((theirs or {}).get("infer_samples_per_s")),
+        _fmt(r.get(f"infer_throughput_b{ib}")),
     )
     for name, key, label in LATENCY_MEASURES:
-        rows.append(
-            (
-                label,
-                _fmt(s.get(key), ".1f"),
-                _fmt(ref["latency_ms"], ".0f"),
-                _fmt(s["vs_reference"].get(name)),
-                f"<= {TARGETS['latency_ratio_max']}",
-            )
+        row(
+            label,
+            _fmt(s.get(key), ".1f"),
+            _fmt((theirs or {}).get("latency_ms"), ".1f"),
+            _fmt(r.get(name)),
+            f"<= {TARGETS['latency_ratio_max']}",
         )
-    rows.append(
-        (
-            "peak RSS GiB, train batch 32",
-            _fmt(s["train_peak_rss_gib"]),
-            _fmt(ref["train_peak_rss_gib"], ".1f"),
-            _fmt(s["vs_reference"].get("train_peak_rss_b32")),
-            f"<= {TARGETS['peak_rss_ratio_max']}",
-        )
+    row(
+        f"peak RSS GiB, train batch {big}",
+        _fmt(s["train_peak_rss_gib"]),
+        _fmt((theirs or {}).get("train_peak_rss_gib")),
+        _fmt(r.get(f"train_peak_rss_b{big}")),
+        f"<= {TARGETS['peak_rss_ratio_max']}",
     )
-    rows.append(
-        (
-            "trainable parameters",
-            _fmt(s["trainable_params"], ","),
-            f"{ref['trainable_params']:,}",
-            _fmt(s["vs_reference"].get("trainable_params"), ".4f"),
-            "",
-        )
+    row(
+        "trainable parameters",
+        _fmt(s["trainable_params"], ","),
+        _fmt((theirs or {}).get("trainable_params"), ","),
+        _fmt(r.get("trainable_params"), ".4f"),
     )
     a = s["comparisons"]["attention"]
-    rows.append(
-        (
-            "KS / dense attention, fwd",
-            _fmt(a["ratio_fwd"]),
-            "",
-            "",
-            f"<= {TARGETS['key_sparse_vs_dense_max']}",
-        )
-    )
-    rows.append(
-        (
-            "KS / dense attention, fwd+bwd",
-            _fmt(a["ratio_fwd_bwd"]),
-            "",
-            "",
-            f"<= {TARGETS['key_sparse_vs_dense_max']}",
-        )
-    )
+    attention_target = f"<= {TARGETS['key_sparse_vs_dense_max']}"
+    row("KS / dense attention, fwd", _fmt(a["ratio_fwd"]), same_run_target=attention_target)
+    row("KS / dense attention, fwd+bwd", _fmt(a["ratio_fwd_bwd"]), same_run_target=attention_target)
     x = s["comparisons"]["xla"]
     xla_train = _fmt(x["train_speedup_jit_on"])
     twin = next(
@@ -1060,27 +1185,43 @@ def format_table(report: dict[str, Any]) -> str:
     )
     if x["train_speedup_jit_on"] is None and twin and "timed out" in twin.get("error", ""):
         xla_train = "timed out"
-    rows.append(("XLA speed-up, train", xla_train, "", "", ""))
-    rows.append(("XLA speed-up, inference", _fmt(x["infer_speedup_jit_on"]), "", "", ""))
+    row("XLA speed-up, train", xla_train)
+    row("XLA speed-up, inference", _fmt(x["infer_speedup_jit_on"]))
     pr = s["comparisons"]["precision"]
-    rows.append((f"{pr['mixed_policy']} speed-up, train", _fmt(pr["mixed_speedup"]), "", "", ""))
+    row(f"{pr['mixed_policy']} speed-up, train", _fmt(pr["mixed_speedup"]))
     pi = s["comparisons"]["pipeline"]
-    rows.append(("tf.data samples/s", _fmt(pi["pipeline_samples_per_s"], ".0f"), "", "", ""))
-    rows.append(
-        ("tf.data / model train rate", _fmt(pi["pipeline_over_model"], ".0f"), "", "", ">> 1")
+    row("tf.data samples/s", _fmt(pi["pipeline_samples_per_s"], ".0f"))
+    row(
+        "tf.data / model train rate", _fmt(pi["pipeline_over_model"], ".0f"), same_run_target=">> 1"
     )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+    n = len(rows[0])
+    widths = [max(len(line[i]) for line in rows) for i in range(n)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     meta = report["meta"]
-    head = (
+    head = [
         f"ks-keras bench ({'quick, tiny model' if quick else 'paper size'}; "
-        f"precision {meta['precision']}, jit_compile {meta['jit_compile']}; "
-        f"{meta['cpu_count']} CPU cores; reference: {ref['source']})"
-    )
+        f"precision {meta['precision']}, jit_compile {meta['jit_compile']})",
+        describe_cpu(meta.get("cpu") or {"model": meta.get("processor")}),
+    ]
+    ref_meta = report.get("reference")
+    if ref_meta:
+        head.append(
+            f"reference, measured in this run on this machine: {ref_meta['entry']} from "
+            f"{ref_meta['dir']} (torch {ref_meta.get('torch')}, "
+            f"{ref_meta.get('torch_threads')} threads, {ref_meta.get('device')})"
+        )
     if quick:
-        head += "\n(quick mode: ratios to the paper-size reference are not meaningful)"
-    return head + "\n" + "\n".join(lines)
+        head.append("(quick mode: tiny model on every side; the targets apply to the paper size)")
+    if theirs:
+        tail = [
+            "(the reference's latency is its forward on the request padded to the full length; "
+            "ours is given three ways)"
+        ]
+    else:
+        tail = ["", *_stored_reference_lines()]
+    return "\n".join(head + lines + tail)
 
 
 def run_benchmark(
@@ -1094,6 +1235,8 @@ def run_benchmark(
     repeats: int | None = None,
     threads: int | None = None,
     progress=lambda line: print(line, flush=True),
+    reference_dir: str | Path | None = None,
+    reference_entry: str = bench_reference.DEFAULT_REFERENCE_ENTRY,
 ) -> dict[str, Any]:
     """Run the benchmark (one fresh process per measure) and write the JSON report.
 
@@ -1108,10 +1251,21 @@ def run_benchmark(
         repeats: timed repetitions per measure (default 5; 2 in quick mode).
         threads: intra/inter-op threads for the children (default: TF's choice).
         progress: called with one line per finished measure.
+        reference_dir: a checkout of the reference PyTorch code (the authors'); its model is
+            then measured in this run with the same protocol, side by side (loader contract:
+            `ks_keras.bench_reference`). None: our figures only.
+        reference_entry: `MODULE:CALLABLE` that builds the reference model.
 
     Returns:
-        The report: `meta`, `reference`, `targets`, `results` (raw, per child) and
-        `summary` (headline figures, comparisons, ratios to the reference, targets met).
+        The report: `meta` (with this machine's CPU), `reference` (the reference measured in
+        this run, or None), `stored_reference` (figures from another machine, information
+        only), `targets`, `results` (raw, per child) and `summary` (headline figures,
+        comparisons, same-run ratios to the reference, targets met).
+
+    Raises:
+        FileNotFoundError: the config or `reference_dir` does not exist.
+        ValueError: a bad argument, or a reference that does not follow the loader contract
+            (PyTorch, module or callable missing, wrong forward).
     """
     unknown = sorted(set(only) - set(MEASURES) - set(OPTIONAL_MEASURES))
     if unknown or not only:
@@ -1127,10 +1281,30 @@ def run_benchmark(
     cfg = load_config(config, list(overrides or []) + (QUICK_OVERRIDES if quick else []))
     gpu = _gpu_present()
     use_jit, policy, other = resolve_settings(jit, precision, gpu)
-    plan = plan_measures(cfg, quick, tuple(only), use_jit, policy, other)
     timeout = _plan(quick)["timeout_s"]
-    results: dict[str, dict] = {}
     started = time.perf_counter()
+    reference = None
+    if reference_dir is not None:
+        if not {"train", "infer", "latency"} & set(only):
+            raise ValueError(
+                "--reference-dir: the reference model is measured in train, infer and latency; "
+                f"--only {','.join(only)} has none of them"
+            )
+        if progress:
+            progress(f"reference: loading {reference_entry} from {reference_dir} ...")
+        reference = check_reference(
+            cfg, reference_dir, reference_entry, gpu=gpu, threads=threads, timeout_s=timeout
+        )
+    plan = plan_measures(
+        cfg,
+        quick,
+        tuple(only),
+        use_jit,
+        policy,
+        other,
+        reference=None if reference is None else reference["spec"],
+    )
+    results: dict[str, dict] = {}
     for i, (name, spec) in enumerate(plan, 1):
         if repeats is not None and not spec.get("short"):
             spec["repeats"] = max(repeats, 2 * spec["distinct"]) if "distinct" in spec else repeats
@@ -1154,6 +1328,7 @@ def run_benchmark(
                     + (f", {rate:.2f} samples/s" if rate is not None else "")
                     + f", peak RSS {res.get('peak_rss_gib')} GiB, wall {res['wall_s']} s"
                 )
+    cpu = cpu_info()
     report = {
         "meta": {
             "quick": quick,
@@ -1164,7 +1339,8 @@ def run_benchmark(
             "gpu": gpu,
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
-            "processor": _cpu_model(),
+            "processor": cpu["model"],
+            "cpu": cpu,
             "python": platform.python_version(),
             "versions": _versions(),
             "env": {
@@ -1180,7 +1356,8 @@ def run_benchmark(
             "total_wall_s": round(time.perf_counter() - started, 1),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         },
-        "reference": REFERENCE,
+        "reference": None if reference is None else reference["info"],
+        "stored_reference": STORED_REFERENCE,
         "targets": TARGETS,
         "results": results,
     }
@@ -1198,14 +1375,97 @@ def _json_default(value):
     return str(value)
 
 
-def _cpu_model() -> str | None:
+def cpu_info() -> dict[str, Any]:
+    """This machine's CPU: model name, architecture, cores this process may use and the
+    `CPU_FLAGS` it has (from /proc/cpuinfo; `platform` where that does not exist, flags None).
+    """
+    model, flags = None, None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if model is None and key in ("model name", "cpu model", "hardware"):
+                model = value.strip()
+            elif flags is None and key in ("flags", "features"):
+                flags = set(value.split())
     except OSError:
         pass
-    return platform.processor() or None
+    return {
+        "model": model or platform.processor() or platform.machine() or None,
+        "machine": platform.machine() or None,
+        "cores": _cores(),
+        "flags": None if flags is None else [f for f in CPU_FLAGS if f in flags],
+    }
+
+
+def check_reference(
+    cfg: Config,
+    reference_dir: str | Path,
+    entry: str,
+    gpu: bool = False,
+    threads: int | None = None,
+    timeout_s: float = 600,
+) -> dict[str, Any]:
+    """Load the reference model once in a child process and check it against the contract.
+
+    Fails fast, before any measure runs: the directory (here), then PyTorch, the module, the
+    callable and one forward on a batch of 2 (in the child).
+
+    Args:
+        cfg: the bench config (sizes and lengths the reference model gets).
+        reference_dir: the reference code's directory.
+        entry: `MODULE:CALLABLE` (`bench_reference` documents the contract).
+        gpu: run the reference on the GPU when PyTorch sees one.
+        threads: the bench's `--threads`.
+        timeout_s: for the child.
+
+    Returns:
+        `{"spec": …, "info": …}`: what the reference measures' specs carry, and what the
+        report records (directory, entry, builder arguments, torch version, parameters).
+
+    Raises:
+        FileNotFoundError: no such directory.
+        ValueError: a malformed entry, or the child's one-line account of what is missing.
+    """
+    folder = bench_reference.check_reference_dir(reference_dir)
+    bench_reference.parse_entry(entry)
+    spec_ref = {"dir": str(folder), "entry": entry, "gpu": gpu}
+    spec = {
+        "kind": "reference",
+        "measure": "load",
+        "model": json.loads(json.dumps(cfg.to_dict()["model"])),
+        "audio_len": cfg.data.audio_max_len,
+        "text_len": cfg.data.text_max_len,
+        "seed": cfg.train.seed,
+        "reference": spec_ref,
+    }
+    if threads is not None:
+        spec["threads"] = threads
+    res = run_child(spec, min(timeout_s, 600))
+    if "error" in res:
+        if res.get("reference_error"):
+            raise ValueError(res["error"])
+        raise ValueError(
+            f"--reference-dir {reference_dir}, --reference-entry {entry}: loading the "
+            f"reference model failed: {res['error']}"
+        )
+    info = {
+        "dir": str(folder),
+        "entry": entry,
+        **{
+            k: res.get(k)
+            for k in (
+                "module_file",
+                "kwargs",
+                "torch",
+                "torch_threads",
+                "torch_interop_threads",
+                "device",
+                "trainable_params",
+            )
+        },
+    }
+    return {"spec": spec_ref, "info": info}
 
 
 def _versions() -> dict[str, str | None]:
@@ -1262,8 +1522,27 @@ def add_bench_args(p: argparse.ArgumentParser, config_args: bool = True) -> None
         help="auto: mixed_float16 on a GPU, float32 on CPU",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per measure")
-    p.add_argument("--threads", type=int, default=None, help="TF intra/inter-op threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra/inter-op threads of every measure (TensorFlow; PyTorch for the reference)",
+    )
     p.add_argument("--output", default="reports/benchmark.json", help="JSON report path")
+    p.add_argument(
+        "--reference-dir",
+        default=None,
+        metavar="PATH",
+        help="a checkout of the authors' PyTorch code: measure its model in this run with the "
+        "same protocol and print ours side by side with ratios (needs PyTorch; contract below)",
+    )
+    p.add_argument(
+        "--reference-entry",
+        default=bench_reference.DEFAULT_REFERENCE_ENTRY,
+        metavar="MODULE:CALLABLE",
+        help="the callable under --reference-dir that builds the reference model "
+        "(default: %(default)s, the authors' builder)",
+    )
 
 
 def run_bench(args) -> int:
@@ -1279,6 +1558,8 @@ def run_bench(args) -> int:
         output=args.output,
         repeats=args.repeats,
         threads=args.threads,
+        reference_dir=args.reference_dir,
+        reference_entry=args.reference_entry,
     )
     print(format_table(report))
     print(f"wrote {args.output}")
@@ -1298,12 +1579,21 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m ks_keras.bench`: the benchmark, or (`--child SPEC`) one measure."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
-        result = child_main(json.loads(argv[1]))
+        spec = json.loads(argv[1])
+        try:
+            result = child_main(spec)
+        except (bench_reference.ReferenceLoadError, FileNotFoundError) as e:
+            if spec.get("kind") != "reference":
+                raise
+            # Worded for the user (the reference contract): the parent shows it as is.
+            print(RESULT_PREFIX + json.dumps({"error": str(e), "reference_error": True}))
+            return 1
         print(RESULT_PREFIX + json.dumps(result, default=_json_default), flush=True)
         return 0
     parser = argparse.ArgumentParser(
         prog="python -m ks_keras.bench",
         description=__doc__,
+        epilog=bench_reference.REFERENCE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_bench_args(parser)

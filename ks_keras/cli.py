@@ -214,8 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(target="ks_keras.tuning:run_tune")
 
     from ks_keras.bench import add_bench_args  # no TensorFlow import
+    from ks_keras.bench_reference import REFERENCE_HELP
 
-    p = sub.add_parser("bench", help="speed/memory benchmark vs the authors' PyTorch figures")
+    p = sub.add_parser(
+        "bench",
+        help="speed/memory benchmark; side by side with the authors' PyTorch code when given "
+        "--reference-dir (same run, same machine)",
+        description="Speed and memory of the KS-T + CCAB model, one fresh process per measure "
+        "(docs/performance.md).",
+        epilog=REFERENCE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config_args(p)
     add_bench_args(p, config_args=False)
     p.set_defaults(target="ks_keras.bench:run_bench")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ks_keras import bench
+from ks_keras import bench, bench_reference
 from ks_keras.cli import main as cli_main
 
 SUMMARY_KEYS = {
@@ -15,13 +15,25 @@ SUMMARY_KEYS = {
     "train_peak_rss_gib",
     "comparisons",
     "vs_reference",
+    "reference",
     "targets",
 }
 COMPARISONS = {"xla", "precision", "attention", "pipeline"}
 
 
-def _fake_child(step_s=10.0, latency_s=0.1, rss=8.0, ks_s=1.1, dense_s=1.0, fail=()):
-    """A stand-in for the child process: fixed figures per measure kind."""
+def _fake_child(
+    step_s=10.0,
+    latency_s=0.1,
+    rss=8.0,
+    ks_s=1.1,
+    dense_s=1.0,
+    fail=(),
+    ref_step_s=20.0,
+    ref_latency_s=0.2,
+    ref_rss=16.0,
+):
+    """A stand-in for the child process: fixed figures per measure kind (the reference
+    model's, `kind == "reference"`, from the `ref_*` figures)."""
     calls = []
 
     def run_child(spec, timeout_s, env=None):
@@ -30,6 +42,19 @@ def _fake_child(step_s=10.0, latency_s=0.1, rss=8.0, ks_s=1.1, dense_s=1.0, fail
         if any(kind == f for f in fail):
             return {"error": "exit code 1: boom"}
         out = {"times_s": [1.0], "cpu_median_s": 1.0, "peak_rss_gib": rss, "wall_s": 1.0}
+        if kind == "reference":
+            out.update(peak_rss_gib=ref_rss, trainable_params=86_000_000, torch="2.13.0+cpu")
+            out.update(torch_threads=2, device="cpu", module_file="/ref/model/x.py")
+            measure = spec["measure"]
+            if measure == "load":
+                return out
+            kind = None  # not one of ours below
+            out["median_s"] = {
+                "train": ref_step_s * spec["batch"] / 32,
+                "infer": ref_step_s / 4,
+                "latency": ref_latency_s,
+            }[measure]
+            out["samples_per_s"] = spec["batch"] / out["median_s"]
         if kind == "train":
             out.update(median_s=step_s * spec["batch"] / 32, trainable_params=85_000_000)
         elif kind == "infer":
@@ -80,33 +105,100 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
     assert saved["summary"] == json.loads(json.dumps(report["summary"]))
     s = saved["summary"]
     assert SUMMARY_KEYS <= set(s) and COMPARISONS <= set(s["comparisons"])
-    # 10 s per step of 32 → 3.2 samples/s; the reference trains 1.40/s at batch 32.
+    # 10 s per step of 32 → 3.2 samples/s.
     assert s["train"]["32"]["samples_per_s"] == pytest.approx(3.2)
-    assert s["vs_reference"]["train_throughput_b32"] == pytest.approx(3.2 / 1.40)
     assert s["latency_ms"] == pytest.approx(100.0)
-    assert s["vs_reference"]["latency_b1"] == pytest.approx(100.0 / 176.0)
     assert s["comparisons"]["attention"]["ratio_fwd"] == pytest.approx(1.1)
+    # No reference measured in this run: no ratio to figures from another machine, and no
+    # target judged on them; the attention targets compare two measures of this run.
+    assert s["reference"] is None and saved["reference"] is None
+    assert set(s["vs_reference"].values()) == {None}
     assert s["targets"] == {
-        "train_throughput_b32": True,
-        "train_throughput_b16": True,
-        "latency_b1": True,
-        "latency_b1_serving": True,
-        "latency_b1_serving_inter": True,
-        "train_peak_rss_b32": True,  # 8.0 / 15.4 GiB
+        "train_throughput_b32": None,
+        "train_throughput_b16": None,
+        "latency_b1": None,
+        "latency_b1_serving": None,
+        "latency_b1_serving_inter": None,
+        "train_peak_rss_b32": None,
         "attention_fwd": True,
         "attention_fwd_bwd": True,
     }
     assert s["comparisons"]["pipeline"]["pipeline_over_model"] == pytest.approx(5000 / 3.2)
+    assert saved["meta"]["cpu"]["cores"] >= 1 and saved["meta"]["cpu"]["model"]
+    assert saved["stored_reference"]["machine"] == bench.STORED_REFERENCE["machine"]
+
+
+def test_report_without_a_reference_names_the_cpu_and_divides_by_nothing(monkeypatch):
+    run_child, _ = _fake_child()
+    monkeypatch.setattr(bench, "run_child", run_child)
+    monkeypatch.setattr(bench, "_gpu_present", lambda: False)
+    cpu = {"model": "Test CPU 9000", "machine": "x86_64", "cores": 2, "flags": ["avx2", "fma"]}
+    monkeypatch.setattr(bench, "cpu_info", lambda: cpu)
+    report = bench.run_benchmark(output=None, progress=None)
     table = bench.format_table(report)
-    assert "PyTorch ref" in table and "1.40" in table and "2.29" in table
+    header = table.splitlines()[0].split("  ")
+    assert "CPU: Test CPU 9000 (x86_64), 2 cores available; flags: avx2 fma" in table
+    # Our absolute figures, no column of ratios or reference figures.
+    assert "3.20" in table and "ours/ref" not in table and "reference" not in header
+    # 3.2 / 1.40 (the stored batch-32 rate) and 100 / 176 ms would be cross-machine ratios.
+    assert "2.29" not in table and "0.57" not in table
+    # The stored figures are there as information, labelled with their machine.
+    stored = table[table.index("Stored figures") :]
+    assert bench.STORED_REFERENCE["machine"] in stored and "1.4 (batch 32)" in stored
+    assert "information only" in stored and "--reference-dir" in stored
+
+
+def test_flags_fall_back_to_unknown_without_proc_cpuinfo():
+    line = bench.describe_cpu({"model": "arm", "machine": "arm64", "cores": 8, "flags": None})
+    assert line == "CPU: arm (arm64), 8 cores available; flags: unknown (no /proc/cpuinfo)"
+    assert bench.cpu_info()["cores"] >= 1
+
+
+def test_a_reference_measured_in_the_same_run_gives_ratios_and_targets(monkeypatch, tmp_path):
+    run_child, calls = _fake_child()
+    monkeypatch.setattr(bench, "run_child", run_child)
+    monkeypatch.setattr(bench, "_gpu_present", lambda: False)
+    report = bench.run_benchmark(
+        only=("train", "infer", "latency"),
+        output=tmp_path / "bench.json",
+        progress=None,
+        reference_dir=tmp_path,
+    )
+    refs = [c for c in calls if c["kind"] == "reference"]
+    # One check (build + one forward), then a twin of each train/infer/plain-latency measure
+    # with our spec: same batch, inputs, warm-up and repetitions.
+    assert [c["measure"] for c in refs] == ["load", "train", "train", "infer", "latency"]
+    assert all(c["reference"]["dir"] == str(tmp_path.resolve()) for c in refs)
+    ours = {(c["kind"], c["batch"]): c for c in calls if c["kind"] != "reference"}
+    for c in refs[1:]:
+        twin = ours[(c["measure"], c["batch"])]
+        assert {k: c[k] for k in ("warmup", "repeats", "model", "seed")} == {
+            k: twin[k] for k in ("warmup", "repeats", "model", "seed")
+        }
+    s = report["summary"]
+    # Ours 3.2 samples/s at batch 32 vs the reference's 1.6 in this run; latency 100 vs 200 ms.
+    assert s["reference"]["train"]["32"]["samples_per_s"] == pytest.approx(1.6)
+    assert s["vs_reference"]["train_throughput_b32"] == pytest.approx(2.0)
+    assert s["vs_reference"]["latency_b1"] == pytest.approx(0.5)
+    assert s["vs_reference"]["train_peak_rss_b32"] == pytest.approx(0.5)
+    assert s["targets"]["train_throughput_b32"] is True and s["targets"]["latency_b1"] is True
+    assert report["reference"]["entry"] == bench_reference.DEFAULT_REFERENCE_ENTRY
+    table = bench.format_table(report)
+    assert "ours/ref" in table and "measured in this run on this machine" in table
+    assert "Stored figures" not in table and "2.00" in table
 
 
 def test_missed_targets_and_failed_measures_are_reported(monkeypatch, tmp_path, capsys):
-    run_child, _ = _fake_child(step_s=30.0, rss=12.0, ks_s=2.0, fail=("latency",))
+    run_child, _ = _fake_child(
+        step_s=30.0, rss=12.0, ks_s=2.0, fail=("latency",), ref_step_s=22.9, ref_rss=15.4
+    )
     monkeypatch.setattr(bench, "run_child", run_child)
     monkeypatch.setattr(bench, "_gpu_present", lambda: False)
     out = tmp_path / "r" / "bench.json"
-    rc = cli_main(["bench", "--only", "train,latency,attention", "--output", str(out)])
+    rc = cli_main(
+        ["bench", "--only", "train,latency,attention", "--output", str(out)]
+        + ["--reference-dir", str(tmp_path)]
+    )
     assert rc == 1
     assert "latency_b1" in capsys.readouterr().err
     s = json.loads(out.read_text())["summary"]
@@ -167,7 +259,8 @@ def test_quick_benchmark_really_runs(tmp_path):
 def test_full_quick_run_through_the_cli(tmp_path, capsys):
     out = tmp_path / "quick.json"
     assert cli_main(["bench", "--quick", "--output", str(out)]) == 0
-    assert "PyTorch ref" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "CPU: " in printed and "Stored figures" in printed and "ours/ref" not in printed
     saved = json.loads(out.read_text())
     assert all("error" not in r for r in saved["results"].values())
     c = saved["summary"]["comparisons"]
