@@ -673,7 +673,9 @@ class KSTHyperModel(kt.HyperModel):
     def _rebatch(self, ds: tf.data.Dataset | None, batch_size: int):
         if ds is None or batch_size == self.cfg.train.batch_size:
             return ds
-        return ds.unbatch().batch(batch_size)
+        # padded_batch: length-bucketed training batches are cut after their longest real
+        # step, so the utterances of a new batch may differ in length (masks pad with 0).
+        return ds.unbatch().padded_batch(batch_size)
 
     def fit(
         self,

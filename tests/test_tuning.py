@@ -666,6 +666,25 @@ def test_global_normalisation_statistics_reach_the_retrained_model(tiny_corpus):
     assert speaker.norm_stats is None
 
 
+def test_a_tuned_batch_size_rebatches_length_bucketed_batches(tiny_corpus):
+    """Regression: unbatch().batch() failed on bucketed batches of different lengths."""
+    _, config_path = tiny_corpus
+    cfg = load_config(config_path, ["data.audio_max_len=400"])  # lengths differ
+    data = tuning.prepare_fold_data(cfg, fold=0, progress=False)
+    space = tuning.space_from_dict(
+        {"hyperparameters": {"train.batch_size": {"type": "fixed", "value": 3}}}
+    )
+    hypermodel = tuning.KSTHyperModel(cfg, space, steps_per_epoch=10)
+    train = data.train_ds() if callable(data.train_ds) else data.train_ds
+    lengths = {int(x["audio"].shape[1]) for x, *_ in train}
+    rebatched = list(hypermodel._rebatch(train, 3))
+    assert sum(int(x["audio_mask"].numpy().sum()) for x, *_ in rebatched) == sum(
+        int(x["audio_mask"].numpy().sum()) for x, *_ in train
+    )
+    assert all(x["audio"].shape[0] <= 3 for x, *_ in rebatched)
+    assert len(lengths) > 1  # the bucketed batches really differ in length
+
+
 def test_cli_tune_exits_nonzero_when_no_trial_completes(tiny_corpus, tmp_path, monkeypatch, capsys):
     _, config_path = tiny_corpus
 
