@@ -8,6 +8,11 @@ Options beyond the paper (off by default): training-time augmentation of the aud
 (`model.augment`), utterance-level functionals of the audio frames (`model.audio_functionals`)
 and openSMILE's utterance functionals as an extra input (`functionals`, `model.functionals_dim`),
 both concatenated with the pooled outputs before the head.
+
+The authors' public code differs from the paper's text in ways each a `model.` switch
+reproduces (SPEC §8; all on in configs/official_code.yaml): `k_from`, `query_mask_in_scores`,
+`fusion_self_attention_mask`, `positional: attention_input`, `input_layer_norm: per_block`,
+`ffn_activation_dropout`, `initializer`, `mim_skip`, `pooling`.
 """
 
 from __future__ import annotations
