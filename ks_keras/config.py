@@ -80,10 +80,28 @@ class ModelConfig:
     # pass instead of keeping it from the forward pass. At paper size on 2 CPU cores: peak
     # memory -21 %, step time +4 % (docs/performance.md). Outputs and gradients are the same.
     attention_recompute: bool = True
-    # Sinusoidal positions: added once at the input of each modality, at every layer, or never.
-    positional: Literal["input", "every_layer", "none"] = "input"
-    # Extra LayerNorm on each block's input, as in the authors' code.
-    input_layer_norm: bool = False
+    # Sinusoidal positions: "input": added once at the input of each modality (ours);
+    # "attention_input": re-added at every layer to the attention's input only (queries, keys
+    # and values in self-attention, queries and keys in cross-attention; the residual stream
+    # gets none), as the authors' code does; "every_layer": re-added at every layer to the
+    # layer input itself (residual stream, queries, keys and values; not the authors' code);
+    # "none".
+    positional: Literal["input", "attention_input", "every_layer", "none"] = "input"
+    # Extra LayerNorms: false = none (the paper); "per_block": the authors' code, one on the
+    # input of each block (the FEM stack, each CCAB layer, the DFM stack) plus one on the
+    # key/value source of every cross-attention; "every_layer" (or true, its old spelling):
+    # one on the input of every layer, no key/value source norm (not the authors' code).
+    input_layer_norm: bool | Literal["every_layer", "per_block"] = False
+    # Padding mask in the self-attention of the CCABs and in the DFM layers. false: none there,
+    # as in the authors' code (padded steps are attended, vote in the key scores and can be
+    # kept), so the logits depend on how far inputs are padded.
+    fusion_self_attention_mask: bool = True
+    # Dropout after the FFN's ReLU as well as after its output, as in the authors' code.
+    ffn_activation_dropout: bool = False
+    # Weight initialisation: "keras" (Keras' defaults) or "official_code" (the authors'
+    # PyTorch code: Xavier-uniform on each 2-D projection matrix, PyTorch's default biases in
+    # the Transformer layers; PyTorch's default Linear init in the head).
+    initializer: Literal["keras", "official_code"] = "keras"
     # MIM skip: "paper" (x + stack(x)) or "official_code" (2x + stack(x), SPEC §8).
     mim_skip: Literal["paper", "official_code"] = "paper"
     # Pooling: "masked" averages real steps only; "include_padding" as the authors' code.
@@ -107,14 +125,25 @@ class ModelConfig:
 def padding_invariant(m: ModelConfig) -> bool:
     """Whether the logits ignore trailing padding (then inputs may be cropped to real length).
 
-    True with masked pooling when the key choice depends only on real steps: `k_from="valid"`
-    and padded queries without a vote (`query_mask_in_scores`), or no sparsity at all. The
-    authors' variants (`pooling="include_padding"`, `k_from="padded"`, voting padded queries)
-    depend on how far a sequence is padded, so their inputs must keep the trained length.
+    True with masked pooling and masked fusion self-attention when the key choice depends only
+    on real steps: `k_from="valid"` and padded queries without a vote
+    (`query_mask_in_scores`), or no sparsity at all. The authors' variants
+    (`pooling="include_padding"`, `fusion_self_attention_mask=False`, `k_from="padded"`,
+    voting padded queries) depend on how far a sequence is padded, so their inputs must keep
+    the trained length.
     """
-    if m.pooling != "masked":
+    if m.pooling != "masked" or not m.fusion_self_attention_mask:
         return False
     return m.sparsity == 0.0 or (m.k_from == "valid" and m.query_mask_in_scores)
+
+
+def input_norm_placement(m: ModelConfig) -> str:
+    """`model.input_layer_norm` as one of "none", "every_layer", "per_block"."""
+    if m.input_layer_norm is True:
+        return "every_layer"
+    if m.input_layer_norm is False:
+        return "none"
+    return m.input_layer_norm
 
 
 @dataclass

@@ -8,13 +8,20 @@ Options beyond the paper (off by default): training-time augmentation of the aud
 (`model.augment`), utterance-level functionals of the audio frames (`model.audio_functionals`)
 and openSMILE's utterance functionals as an extra input (`functionals`, `model.functionals_dim`),
 both concatenated with the pooled outputs before the head.
+
+The authors' public code differs from the paper's text in ways each a `model.` switch
+reproduces (SPEC §8; all on in configs/official_code.yaml): `k_from`, `query_mask_in_scores`,
+`fusion_self_attention_mask`, `positional: attention_input`, `input_layer_norm: per_block`,
+`ffn_activation_dropout`, `initializer`, `mim_skip`, `pooling`.
 """
 
 from __future__ import annotations
 
+import math
+
 import keras
 
-from ks_keras.config import Config, ModelConfig, validate_config
+from ks_keras.config import Config, ModelConfig, input_norm_placement, validate_config
 from ks_keras.layers import (
     FeatureAugment,
     MaskedMeanPooling,
@@ -38,10 +45,33 @@ def _layer_options(m: ModelConfig, modality: str) -> dict:
         ffn_dim=getattr(m, f"{modality}_ffn_dim"),
         dropout=m.dropout,
         layer_norm_eps=m.layer_norm_eps,
-        input_layer_norm=m.input_layer_norm,
         add_positional=m.positional == "every_layer",
+        attention_positional=m.positional == "attention_input",
+        ffn_activation_dropout=m.ffn_activation_dropout,
+        initializer=m.initializer,
         recompute_softmax=m.attention_recompute,
     )
+
+
+def _stack_input_norm(m: ModelConfig, index: int) -> bool:
+    """Whether layer `index` of a stack (FEM, DFM) normalises its input: every layer
+    ("every_layer") or the first one only, the block input of the authors' code ("per_block").
+    """
+    placement = input_norm_placement(m)
+    return placement == "every_layer" or (placement == "per_block" and index == 0)
+
+
+def _dense_initializers(m: ModelConfig, fan_in: int) -> dict:
+    """Kernel/bias initialisers of a plain Dense layer (projection, head): Keras' defaults, or
+    PyTorch's default `nn.Linear` init (`U(+-1/sqrt(fan_in))` for both), which the authors'
+    head keeps."""
+    if m.initializer == "keras":
+        return {}
+    limit = 1.0 / math.sqrt(fan_in)
+    return {
+        "kernel_initializer": keras.initializers.RandomUniform(-limit, limit),
+        "bias_initializer": keras.initializers.RandomUniform(-limit, limit),
+    }
 
 
 def _sparse_options(m: ModelConfig) -> dict:
@@ -102,37 +132,55 @@ def utterance_functionals(m: ModelConfig, x, mask):
 def feature_extraction(m: ModelConfig, modality: str, x, mask):
     """FEM: optional projection, sinusoidal positions, n_fem vanilla Transformer layers."""
     if getattr(m, f"{modality}_d_model"):
-        x = keras.layers.Dense(_width(m, modality), name=f"{modality}_projection")(x)
+        x = keras.layers.Dense(
+            _width(m, modality),
+            name=f"{modality}_projection",
+            **_dense_initializers(m, getattr(m, f"{modality}_dim")),
+        )(x)
     if m.positional == "input":
         x = SinusoidalPositionalEncoding(name=f"{modality}_positional")(x)
     if m.use_fem:
         for i in range(m.n_fem):
             x = TransformerLayer(
-                key_sparse=False, name=f"{modality}_fem_{i + 1}", **_layer_options(m, modality)
+                key_sparse=False,
+                name=f"{modality}_fem_{i + 1}",
+                input_layer_norm=_stack_input_norm(m, i),
+                # Vanilla layers have no key scores; this says whether padded queries attend.
+                query_mask_in_scores=m.query_mask_in_scores,
+                **_layer_options(m, modality),
             )(x, padding_mask=mask)
     return x
 
 
 def modality_interaction(m: ModelConfig, modality: str, x, mask, other, other_mask):
     """MIM for target `modality`: queries from x, keys/values from the other FEM output."""
+    placement = input_norm_placement(m)
     return ModalityInteraction(
         n_ccab=m.n_ccab,
         skip=m.mim_skip,
         name=f"{modality}_mim",
+        # Each CCAB layer is a block of its own in the authors' code: both placements put a
+        # LayerNorm on its input; only theirs also normalises the source sequence.
+        input_layer_norm=placement != "none",
+        context_layer_norm=placement == "per_block",
+        self_attention_mask=m.fusion_self_attention_mask,
         **_layer_options(m, modality),
         **_sparse_options(m),
     )(x, padding_mask=mask, context=other, context_mask=other_mask)
 
 
 def deep_fusion(m: ModelConfig, modality: str, x, mask):
-    """DFM: n_dfm key-sparse self-attention layers."""
+    """DFM: n_dfm key-sparse self-attention layers (without a padding mask when
+    `fusion_self_attention_mask` is off, as in the authors' code)."""
+    layer_mask = mask if m.fusion_self_attention_mask else None
     for i in range(m.n_dfm):
         x = TransformerLayer(
             key_sparse=True,
             name=f"{modality}_dfm_{i + 1}",
+            input_layer_norm=_stack_input_norm(m, i),
             **_layer_options(m, modality),
             **_sparse_options(m),
-        )(x, padding_mask=mask)
+        )(x, padding_mask=layer_mask)
     return x
 
 
@@ -140,10 +188,17 @@ def classifier_head(m: ModelConfig, pooled):
     """Dense → ReLU → Dropout per hidden width, then the logits layer (float32)."""
     x = pooled
     for i, units in enumerate(m.head_units):
-        x = keras.layers.Dense(units, activation="relu", name=f"head_dense_{i + 1}")(x)
+        x = keras.layers.Dense(
+            units,
+            activation="relu",
+            name=f"head_dense_{i + 1}",
+            **_dense_initializers(m, x.shape[-1]),
+        )(x)
         x = keras.layers.Dropout(m.head_dropout, name=f"head_dropout_{i + 1}")(x)
     # Logits in float32 so the loss is stable under mixed precision.
-    return keras.layers.Dense(m.num_classes, dtype="float32", name="logits")(x)
+    return keras.layers.Dense(
+        m.num_classes, dtype="float32", name="logits", **_dense_initializers(m, x.shape[-1])
+    )(x)
 
 
 def build_model(config: Config | ModelConfig, name: str = "ks_transformer") -> keras.Model:

@@ -2,7 +2,13 @@
 
 import pytest
 
-from ks_keras.config import Config, load_config, save_config
+from ks_keras.config import (
+    Config,
+    input_norm_placement,
+    load_config,
+    padding_invariant,
+    save_config,
+)
 
 
 def test_defaults_are_the_paper_values():
@@ -54,6 +60,12 @@ def test_yaml_round_trip(tmp_path):
         ("train.schedule=linear", "train.schedule"),
         ("train.lr=0", "train.lr"),
         ("model.use_mim=maybe", "model.use_mim"),
+        ("model.input_layer_norm=sometimes", "model.input_layer_norm"),
+        ("model.input_layer_norm=1", "model.input_layer_norm"),
+        ("model.positional=everywhere", "model.positional"),
+        ("model.fusion_self_attention_mask=maybe", "model.fusion_self_attention_mask"),
+        ("model.ffn_activation_dropout=0.1", "model.ffn_activation_dropout"),
+        ("model.initializer=xavier", "model.initializer"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
@@ -115,3 +127,64 @@ def test_latin1_config_names_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"cfg.yaml: line 1, column 3: .*not UTF-8") as e:
         load_config(path)
     assert "0xdc" in str(e.value) and "codec" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "value,placement",
+    [
+        ("false", "none"),
+        ("true", "every_layer"),
+        ("every_layer", "every_layer"),
+        ("per_block", "per_block"),
+    ],
+)
+def test_input_layer_norm_keeps_its_old_spellings(value, placement, tmp_path):
+    cfg = load_config(None, [f"model.input_layer_norm={value}"])
+    assert input_norm_placement(cfg.model) == placement
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_new_model_options_default_to_ours():
+    m = load_config().model
+    assert m.input_layer_norm is False and m.positional == "input"
+    assert m.fusion_self_attention_mask is True and m.ffn_activation_dropout is False
+    assert m.initializer == "keras"
+
+
+def test_official_code_yaml_switches_on_every_authors_behaviour():
+    cfg = load_config("configs/official_code.yaml")
+    paper = load_config("configs/paper.yaml")
+    m = cfg.model
+    assert m.k_from == "padded" and m.query_mask_in_scores is False
+    assert m.fusion_self_attention_mask is False and m.positional == "attention_input"
+    assert m.input_layer_norm == "per_block" and m.ffn_activation_dropout is True
+    assert m.mim_skip == "official_code" and m.pooling == "include_padding"
+    assert m.initializer == "official_code"
+    assert not padding_invariant(m)
+    sizes = (
+        "audio_dim",
+        "text_dim",
+        "num_heads",
+        "audio_ffn_dim",
+        "text_ffn_dim",
+        "dropout",
+        "n_fem",
+        "n_ccab",
+        "n_dfm",
+        "sparsity",
+        "head_units",
+        "head_dropout",
+        "num_classes",
+    )
+    assert all(getattr(m, name) == getattr(paper.model, name) for name in sizes)
+    assert (cfg.train.optimizer, cfg.train.momentum, cfg.train.schedule) == ("sgd", 0.9, "cosine")
+    assert cfg.train.cosine_final_ratio == 1e-3 and cfg.train.epochs == 120
+    assert cfg.eval.protocol == "paper" and cfg.eval.folds == "loso_session"
+    assert cfg.data == paper.data
+
+
+def test_fusion_mask_off_is_not_padding_invariant():
+    assert padding_invariant(load_config().model)
+    off = load_config(None, ["model.fusion_self_attention_mask=false"]).model
+    assert not padding_invariant(off)

@@ -454,6 +454,7 @@ def test_fit_length_crops_a_batch_after_its_last_real_step():
         ({"k_from": "padded"}, False),
         ({"query_mask_in_scores": False}, False),
         ({"pooling": "include_padding"}, False),
+        ({"fusion_self_attention_mask": False}, False),
         ({"k_from": "padded", "sparsity": 0.0}, True),
     ],
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from ks_keras.layers.encoder import TransformerLayer
+from ks_keras.layers.encoder import INITIALIZERS, TransformerLayer
 
 MIM_SKIPS = ("paper", "official_code")
 
@@ -18,9 +18,14 @@ class CCAB(keras.layers.Layer):
 
     Args:
         num_heads, ffn_dim, dropout, layer_norm_eps, sparsity, k_from, renormalize,
-        query_mask_in_scores, input_layer_norm, add_positional, recompute_softmax: as
-            `TransformerLayer`
+        query_mask_in_scores, input_layer_norm, add_positional, recompute_softmax,
+            attention_positional, ffn_activation_dropout, initializer: as `TransformerLayer`
             (both sub-layers are key-sparse).
+        context_layer_norm: LayerNorm on B before the cross-attention uses it (the cross
+            layer's `context_norm`; authors' code).
+        self_attention_mask: give the self-attention layer A's padding mask (default). False:
+            no mask there, as in the authors' code: padded steps of A are attended, vote in the
+            key scores and can be kept.
         **kwargs: base layer arguments.
 
     Call args:
@@ -41,9 +46,16 @@ class CCAB(keras.layers.Layer):
         input_layer_norm=False,
         add_positional=False,
         recompute_softmax=True,
+        attention_positional=False,
+        context_layer_norm=False,
+        ffn_activation_dropout=False,
+        initializer="keras",
+        self_attention_mask=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.context_layer_norm = bool(context_layer_norm)
+        self.self_attention_mask = bool(self_attention_mask)
         self._layer_config = dict(
             num_heads=num_heads,
             ffn_dim=ffn_dim,
@@ -56,9 +68,16 @@ class CCAB(keras.layers.Layer):
             input_layer_norm=input_layer_norm,
             add_positional=add_positional,
             recompute_softmax=recompute_softmax,
+            attention_positional=attention_positional,
+            ffn_activation_dropout=ffn_activation_dropout,
+            initializer=initializer,
         )
         self.cross_layer = TransformerLayer(
-            key_sparse=True, dtype=self.dtype_policy, name="ks_cross", **self._layer_config
+            key_sparse=True,
+            context_layer_norm=self.context_layer_norm,
+            dtype=self.dtype_policy,
+            name="ks_cross",
+            **self._layer_config,
         )
         self.self_layer = TransformerLayer(
             key_sparse=True, dtype=self.dtype_policy, name="ks_self", **self._layer_config
@@ -81,11 +100,18 @@ class CCAB(keras.layers.Layer):
             context_mask=context_mask,
             training=training,
         )
-        return self.self_layer(x, padding_mask=padding_mask, training=training)
+        self_mask = padding_mask if self.self_attention_mask else None
+        return self.self_layer(x, padding_mask=self_mask, training=training)
 
     def get_config(self):
         config = super().get_config()
         config.update(self._layer_config)
+        config.update(
+            {
+                "context_layer_norm": self.context_layer_norm,
+                "self_attention_mask": self.self_attention_mask,
+            }
+        )
         return config
 
 
@@ -101,7 +127,8 @@ class ModalityInteraction(keras.layers.Layer):
     Args:
         n_ccab: number of CCABs (>= 0).
         skip: "paper" or "official_code".
-        other args: as `CCAB`.
+        other args: as `CCAB` (`context_layer_norm` gives every CCAB's cross layer its own
+            LayerNorm on the source sequence, as the authors' code does).
     """
 
     def __init__(
@@ -119,6 +146,11 @@ class ModalityInteraction(keras.layers.Layer):
         add_positional=False,
         skip="paper",
         recompute_softmax=True,
+        attention_positional=False,
+        context_layer_norm=False,
+        ffn_activation_dropout=False,
+        initializer="keras",
+        self_attention_mask=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -126,6 +158,8 @@ class ModalityInteraction(keras.layers.Layer):
             raise ValueError(f"n_ccab: expected an integer >= 0, got {n_ccab!r}")
         if skip not in MIM_SKIPS:
             raise ValueError(f"skip: expected one of {MIM_SKIPS}, got {skip!r}")
+        if initializer not in INITIALIZERS:
+            raise ValueError(f"initializer: expected one of {INITIALIZERS}, got {initializer!r}")
         self.n_ccab = n_ccab
         self.skip = skip
         self._block_config = dict(
@@ -140,6 +174,11 @@ class ModalityInteraction(keras.layers.Layer):
             input_layer_norm=input_layer_norm,
             add_positional=add_positional,
             recompute_softmax=recompute_softmax,
+            attention_positional=bool(attention_positional),
+            context_layer_norm=bool(context_layer_norm),
+            ffn_activation_dropout=bool(ffn_activation_dropout),
+            initializer=initializer,
+            self_attention_mask=bool(self_attention_mask),
         )
         self.blocks = [
             CCAB(dtype=self.dtype_policy, name=f"ccab_{i + 1}", **self._block_config)

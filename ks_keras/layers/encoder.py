@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -9,6 +11,9 @@ from ks_keras.layers.dropout import FastDropout
 from ks_keras.layers.key_sparse_attention import KeySparseAttention
 from ks_keras.layers.masks import check_sequence_mask, pair_mask
 from ks_keras.layers.positional import SinusoidalPositionalEncoding
+
+# Weight initialisation: Keras' defaults, or the authors' PyTorch code's (SPEC §8).
+INITIALIZERS = ("keras", "official_code")
 
 
 @keras.saving.register_keras_serializable(package="ks_keras")
@@ -83,17 +88,41 @@ class TransformerLayer(keras.layers.Layer):
     ReLU FFN. Self-attention when no `context` is given; cross-attention (queries from `x`,
     keys = values from `context`) otherwise.
 
+    The options marked "authors' code" reproduce what the authors' public PyTorch code does
+    (SPEC §8); all are off by default. A block of the authors' code (a stack of layers) is the
+    first layer of the stack with `input_layer_norm=True` (and `context_layer_norm=True` for
+    cross-attention) followed by the others without.
+
     Args:
         num_heads: attention heads; must divide the input width.
         ffn_dim: hidden width of the position-wise FFN.
         dropout: dropout on attention weights, the attention output and the FFN output.
         layer_norm_eps: LayerNorm epsilon (authors' code 1e-5).
         key_sparse: use key-sparse attention (KS-Transformer layer) instead of vanilla MHA.
-        sparsity, k_from, renormalize, query_mask_in_scores: key-sparse options
-            (see `KeySparseAttention`); ignored when `key_sparse=False`.
-        input_layer_norm: apply an extra LayerNorm to the layer input (authors' code).
-        add_positional: add sinusoidal positions to `x` (and `context`) before attending, for
-            the "re-add at every layer" variant.
+        sparsity, k_from, renormalize: key-sparse options (see `KeySparseAttention`);
+            ignored when `key_sparse=False`.
+        query_mask_in_scores: True (default): padded query rows attend nothing (and, when
+            key-sparse, get no vote in the key scores). False: every query row, padding
+            included, attends over the real keys (and votes), as the authors' code does.
+        input_layer_norm: apply a LayerNorm to the layer input before anything else; the
+            residual stream starts from the normalised input (the authors' code does this once
+            per block: sublayer `input_norm`).
+        add_positional: add sinusoidal positions to `x` (and `context`) before attending: the
+            residual stream and the attention's queries, keys and values all get them.
+        attention_positional: add sinusoidal positions to the attention's input only (authors'
+            code): in self-attention queries, keys and values are projected from `x +
+            positions`; in cross-attention queries from `x + positions`, keys from `context +
+            positions` and values from `context`. The residual stream gets none. Excludes
+            `add_positional`.
+        context_layer_norm: cross-attention only: LayerNorm on `context` (the key/value source)
+            before it is used (authors' code; sublayer `context_norm`).
+        ffn_activation_dropout: dropout after the FFN's ReLU as well as after its output
+            (authors' code; sublayer `ffn_activation_dropout`).
+        initializer: `"keras"` (default): Keras' defaults (Glorot-uniform kernels with fans
+            from the 3-D attention kernel shapes, zero biases). `"official_code"`: the authors'
+            PyTorch initialisation: Xavier-uniform on each 2-D projection matrix as PyTorch
+            lays it out (queries, keys and values of self-attention as one `[D, 3D]` matrix,
+            of cross-attention as three), PyTorch's default `U(+-1/sqrt(fan_in))` biases.
         recompute_softmax: attention layers recompute their softmax in the backward pass
             instead of keeping it (less memory, a little more time; same results).
         **kwargs: base layer arguments.
@@ -120,6 +149,10 @@ class TransformerLayer(keras.layers.Layer):
         input_layer_norm=False,
         add_positional=False,
         recompute_softmax=True,
+        attention_positional=False,
+        context_layer_norm=False,
+        ffn_activation_dropout=False,
+        initializer="keras",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -131,6 +164,13 @@ class TransformerLayer(keras.layers.Layer):
             raise ValueError(f"dropout: expected a rate in [0, 1), got {dropout!r}")
         if key_sparse and not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity: expected a fraction in [0, 1), got {sparsity!r}")
+        if add_positional and attention_positional:
+            raise ValueError(
+                "attention_positional: positions go either to the residual stream and the "
+                "attention (add_positional) or to the attention input only, not both"
+            )
+        if initializer not in INITIALIZERS:
+            raise ValueError(f"initializer: expected one of {INITIALIZERS}, got {initializer!r}")
         self.num_heads = num_heads
         self.ffn_dim = ffn_dim
         self.dropout = float(dropout)
@@ -143,6 +183,10 @@ class TransformerLayer(keras.layers.Layer):
         self.input_layer_norm = bool(input_layer_norm)
         self.add_positional = bool(add_positional)
         self.recompute_softmax = bool(recompute_softmax)
+        self.attention_positional = bool(attention_positional)
+        self.context_layer_norm = bool(context_layer_norm)
+        self.ffn_activation_dropout = bool(ffn_activation_dropout)
+        self.initializer = initializer
 
     def build(self, inputs_shape, context_shape=None):
         input_shape = inputs_shape
@@ -186,14 +230,19 @@ class TransformerLayer(keras.layers.Layer):
         kv_shape = tuple(context_shape) if context_shape is not None else tuple(input_shape)
         self.attention.build(tuple(input_shape), kv_shape, kv_shape)
 
-        def norm(name):
+        def norm(name, shape=input_shape):
             layer = FastLayerNormalization(
                 epsilon=self.layer_norm_eps, dtype=self.dtype_policy, name=name
             )
-            layer.build(tuple(input_shape))
+            layer.build(tuple(shape))
             return layer
 
         self.input_norm = norm("input_norm") if self.input_layer_norm else None
+        self.context_norm = (
+            norm("context_norm", context_shape)
+            if self.context_layer_norm and context_shape is not None
+            else None
+        )
         self.attention_norm = norm("attention_norm")
         self.ffn_norm = norm("ffn_norm")
         # Residual dropout from 16-bit random numbers (ks_keras.layers.dropout).
@@ -207,12 +256,44 @@ class TransformerLayer(keras.layers.Layer):
         self.ffn_outer = keras.layers.Dense(dim, dtype=self.dtype_policy, name="ffn_outer")
         self.ffn_outer.build(tuple(input_shape[:-1]) + (self.ffn_dim,))
         self.ffn_dropout = FastDropout(self.dropout, dtype=self.dtype_policy, name="ffn_dropout")
-        self.positional = (
-            SinusoidalPositionalEncoding(dtype=self.dtype_policy, name="positional")
-            if self.add_positional
+        self.ffn_inner_dropout = (
+            FastDropout(self.dropout, dtype=self.dtype_policy, name="ffn_activation_dropout")
+            if self.ffn_activation_dropout
             else None
         )
+        self.positional = (
+            SinusoidalPositionalEncoding(dtype=self.dtype_policy, name="positional")
+            if self.add_positional or self.attention_positional
+            else None
+        )
+        if self.initializer == "official_code":
+            self._initialize_as_official_code(dim, kv_shape[-1], context_shape is None)
         self.built = True
+
+    def _initialize_as_official_code(self, dim, kv_dim, self_attention):
+        """Re-draw the weights as the authors' PyTorch code initialises them.
+
+        Each PyTorch `nn.Linear(n_in, n_out)` there gets a Xavier-uniform weight,
+        `U(+-sqrt(6 / (n_in + n_out)))`, and keeps PyTorch's default bias,
+        `U(+-1 / sqrt(n_in))`. Self-attention projects queries, keys and values with one
+        `Linear(D, 3D)`, so their limit is `sqrt(6 / 4D)`; cross-attention uses
+        `Linear(D, D)` for queries and `Linear(Dc, D)` for keys and values. LayerNorms start
+        at gamma 1, beta 0 in both frameworks.
+        """
+        attention = self.attention
+        qkv_fan_out = 3 * dim if self_attention else dim
+        projections = (
+            (attention._query_dense, dim, qkv_fan_out),
+            (attention._key_dense, kv_dim, qkv_fan_out),
+            (attention._value_dense, kv_dim, qkv_fan_out),
+            (attention._output_dense, dim, dim),
+            (self.ffn_inner, dim, self.ffn_dim),
+            (self.ffn_outer, self.ffn_dim, dim),
+        )
+        for layer, fan_in, fan_out in projections:
+            _assign_uniform(layer.kernel, math.sqrt(6.0 / (fan_in + fan_out)))
+            if layer.bias is not None:
+                _assign_uniform(layer.bias, 1.0 / math.sqrt(fan_in))
 
     def call(self, inputs, padding_mask=None, context=None, context_mask=None, training=None):
         x = inputs
@@ -225,21 +306,33 @@ class TransformerLayer(keras.layers.Layer):
 
         if self.input_norm is not None:
             x = self.input_norm(x)
-        if self.positional is not None:
+        if context is not None and self.context_norm is not None:
+            context = self.context_norm(context)
+        if self.add_positional:
             x = self.positional(x)
             if context is not None:
                 context = self.positional(context)
+        query = self.positional(x) if self.attention_positional else x
         if context is None:
-            kv, kv_mask = x, padding_mask
+            key = value = query
+            kv_mask = padding_mask
         else:
-            kv, kv_mask = context, context_mask
-        attention_mask = pair_mask(padding_mask, kv_mask, ops.shape(x)[1], ops.shape(kv)[1])
+            key = self.positional(context) if self.attention_positional else context
+            value = context
+            kv_mask = context_mask
+        # Key-sparse layers read the query side of the pair mask themselves (votes, empty
+        # rows); a vanilla layer whose padded queries attend gets a key-only mask.
+        query_mask = padding_mask if self.key_sparse or self.query_mask_in_scores else None
+        attention_mask = pair_mask(query_mask, kv_mask, ops.shape(x)[1], ops.shape(key)[1])
 
         attended = self.attention(
-            query=x, value=kv, key=kv, attention_mask=attention_mask, training=training
+            query=query, value=value, key=key, attention_mask=attention_mask, training=training
         )
         x = self.attention_norm(x + self.attention_dropout(attended, training=training))
-        ffn = self.ffn_outer(self.ffn_inner(x))
+        hidden = self.ffn_inner(x)
+        if self.ffn_inner_dropout is not None:
+            hidden = self.ffn_inner_dropout(hidden, training=training)
+        ffn = self.ffn_outer(hidden)
         x = self.ffn_norm(x + self.ffn_dropout(ffn, training=training))
         return x
 
@@ -259,6 +352,17 @@ class TransformerLayer(keras.layers.Layer):
                 "input_layer_norm": self.input_layer_norm,
                 "add_positional": self.add_positional,
                 "recompute_softmax": self.recompute_softmax,
+                "attention_positional": self.attention_positional,
+                "context_layer_norm": self.context_layer_norm,
+                "ffn_activation_dropout": self.ffn_activation_dropout,
+                "initializer": self.initializer,
             }
         )
         return config
+
+
+def _assign_uniform(variable, limit):
+    """Overwrite `variable` with `U(-limit, limit)` draws (seeded like Keras' initialisers:
+    reproducible under `keras.utils.set_random_seed`, a new draw per variable)."""
+    init = keras.initializers.RandomUniform(-limit, limit)
+    variable.assign(init(variable.shape, dtype=variable.dtype))

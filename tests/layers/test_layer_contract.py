@@ -34,12 +34,35 @@ LAYERS = {
         k_from="padded",
         query_mask_in_scores=False,
     ),
+    # Every authors'-code option at once (SPEC §8).
+    "ks_cross_official": lambda: TransformerLayer(
+        num_heads=2,
+        ffn_dim=8,
+        key_sparse=True,
+        k_from="padded",
+        query_mask_in_scores=False,
+        input_layer_norm=True,
+        context_layer_norm=True,
+        attention_positional=True,
+        ffn_activation_dropout=True,
+        initializer="official_code",
+    ),
     "ccab": lambda: CCAB(num_heads=2, ffn_dim=8, sparsity=0.5, renormalize=True),
+    "ccab_official": lambda: CCAB(
+        num_heads=2,
+        ffn_dim=8,
+        input_layer_norm=True,
+        context_layer_norm=True,
+        self_attention_mask=False,
+        attention_positional=True,
+        ffn_activation_dropout=True,
+        initializer="official_code",
+    ),
     "mim": lambda: ModalityInteraction(n_ccab=2, num_heads=2, ffn_dim=8, skip="official_code"),
     "ks_attention": lambda: KeySparseAttention(num_heads=2, key_dim=8, sparsity=0.5),
     "pooling": lambda: MaskedMeanPooling(),
 }
-NEEDS_CONTEXT = {"ks_cross", "ccab", "mim"}
+NEEDS_CONTEXT = {"ks_cross", "ks_cross_official", "ccab", "ccab_official", "mim"}
 
 
 def _apply(name, layer, x, xm, c, cm):
