@@ -21,9 +21,15 @@ Measures (issue 8):
 - `xla`: training (and inference) with `jit_compile` on vs off.
 - `precision`: float32 vs mixed precision (`mixed_bfloat16` on CPU, `mixed_float16` on GPU).
 - `pipeline`: the `tf.data` input pipeline alone (samples/s) vs the model's training step.
+- `lengths`: an epoch of training and of batch inference over utterances with realistic
+  lengths (`realistic_lengths`: IEMOCAP-like, mean 4.5 s, a tail past 20 s, cropped at 460
+  frames), through `ks_keras.data.make_dataset` with length-bucketed batches and with
+  batches padded to 460 frames: the same samples per epoch, samples/s for each and the
+  ratio bucketed / padded of this run.
 
 Inputs are synthetic with realistic padding: each sample's real length is drawn uniformly
-between 30 % and 100 % of the maximum (audio 460 frames, text 20 tokens).
+between 30 % and 100 % of the maximum (audio 460 frames, text 20 tokens); the `lengths`
+measure draws them from `realistic_lengths` instead.
 
 Ratios are only ever taken between figures measured in the same run on this machine: with
 `--reference-dir`, the `train`, `infer` and `latency` measures also run the authors' PyTorch
@@ -110,7 +116,7 @@ CPU_FLAGS = (
     "i8mm",
 )
 
-MEASURES = ("train", "infer", "latency", "attention", "xla", "precision", "pipeline")
+MEASURES = ("train", "infer", "latency", "attention", "xla", "precision", "pipeline", "lengths")
 # The batch-1 latency measures: (measure name = ratio and target key, summary key in ms,
 # table label).
 LATENCY_MEASURES = (
@@ -122,6 +128,17 @@ LATENCY_MEASURES = (
 OPTIONAL_MEASURES = ("profile",)
 RESULT_PREFIX = "KS_BENCH_RESULT "
 MIN_LENGTH_FRACTION = 0.3
+
+# Realistic utterance lengths (the `lengths` measure). The paper's audio input is wav2vec's
+# 512-d feature sequence: one frame per 320 samples at 16 kHz, 50 frames/s, so its 460 frames
+# hold 9.2 s. IEMOCAP's utterances last 4.5 s on average (median about 3.5 s) with a long
+# tail past 20 s; a log-normal duration with mean 4.5 s and shape sigma 0.7 matches that:
+# median 3.5 s, standard deviation 3.6 s, 0.7 % past 20 s, 8.5 % past 9.2 s (cropped at 460
+# frames, so the crop, not the tail, bounds the cost).
+PAPER_FRAME_RATE = 50.0
+PAPER_AUDIO_LEN = 460
+UTTERANCE_MEAN_S = 4.5
+UTTERANCE_SIGMA = 0.7
 
 # A tiny model for `--quick` (the tests): same code paths, seconds instead of minutes.
 QUICK_OVERRIDES = [
@@ -157,6 +174,7 @@ def _plan(quick: bool) -> dict[str, Any]:
             attention_batch=4,
             pipeline_utterances=24,
             pipeline_epochs=2,
+            lengths_samples=24,
             timeout_s=300,
         )
     return dict(
@@ -170,6 +188,7 @@ def _plan(quick: bool) -> dict[str, Any]:
         attention_batch=32,
         pipeline_utterances=512,
         pipeline_epochs=3,
+        lengths_samples=128,
         timeout_s=1800,
     )
 
@@ -221,6 +240,28 @@ def _cpu_seconds() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def utterance_seconds(
+    n: int, seed: int, mean_s: float = UTTERANCE_MEAN_S, sigma: float = UTTERANCE_SIGMA
+):
+    """`n` utterance durations in seconds, log-normal with mean `mean_s` and shape `sigma`
+    (IEMOCAP-like with the defaults; see `UTTERANCE_SIGMA`). Same seed, same durations."""
+    import numpy as np
+
+    mu = math.log(mean_s) - sigma**2 / 2  # the log-normal's mean is exp(mu + sigma^2 / 2)
+    return np.random.default_rng(seed).lognormal(mu, sigma, n)
+
+
+def realistic_lengths(n: int, seed: int, max_len: int = PAPER_AUDIO_LEN, **kwargs):
+    """`n` audio lengths in frames, in [1, `max_len`]: `utterance_seconds(n, seed, **kwargs)`
+    at the paper's frame rate scaled so that `max_len` frames hold what 460 frames hold at
+    50 frames/s (9.2 s; at the paper's 460 frames exactly 50 frames/s), then cropped."""
+    import numpy as np
+
+    frame_rate = PAPER_FRAME_RATE * max_len / PAPER_AUDIO_LEN
+    frames = np.ceil(utterance_seconds(n, seed, **kwargs) * frame_rate).astype(np.int64)
+    return np.clip(frames, 1, max_len)
 
 
 def synthetic_batch(spec: dict[str, Any], batch: int, seed: int) -> tuple[dict, Any]:
@@ -429,8 +470,11 @@ def _measure_attention(spec: dict[str, Any]) -> dict[str, Any]:
     return {**timing, "peak_rss_gib": round(_peak_rss_gib(), 3)}
 
 
-def _synthetic_cache(spec: dict[str, Any], folder: Path, n: int):
-    """A feature cache of `n` synthetic utterances, written with the cache module's writer."""
+def _synthetic_cache(
+    spec: dict[str, Any], folder: Path, n: int, lengths: dict[str, Any] | None = None
+):
+    """A feature cache of `n` synthetic utterances, written with the cache module's writer
+    (stored lengths from `lengths`, `{modality: [n] ints}`, where given)."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -439,7 +483,7 @@ def _synthetic_cache(spec: dict[str, Any], folder: Path, n: int):
 
     rng = np.random.default_rng(0)
     m = spec["model"]
-    lengths = {"audio": spec["audio_len"], "text": spec["text_len"]}
+    max_len = {"audio": spec["audio_len"], "text": spec["text_len"]}
     modalities = tuple(m["modalities"])
     extractors = {
         mod: SimpleNamespace(
@@ -459,11 +503,13 @@ def _synthetic_cache(spec: dict[str, Any], folder: Path, n: int):
         ]
         features = {}
         for mod in modalities:
-            t_max = lengths[mod]
+            t_max = max_len[mod]
             # Stored unpadded and, like real features, sometimes longer than the crop length.
             sizes = rng.integers(
                 math.ceil(MIN_LENGTH_FRACTION * t_max), int(1.2 * t_max) + 1, len(utts)
             )
+            if lengths is not None and mod in lengths:
+                sizes = lengths[mod][start : start + len(utts)]
             features[mod] = [
                 rng.standard_normal((int(s), m[f"{mod}_dim"]), dtype=np.float32) for s in sizes
             ]
@@ -555,6 +601,81 @@ def _measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         "median_s": steady,
         "samples_per_s": samples / steady if steady > 0 else float("inf"),
         "first_epoch_samples_per_s": samples / epoch_times[0] if epoch_times[0] > 0 else None,
+        "peak_rss_gib": round(_peak_rss_gib(), 3),
+    }
+
+
+def _measure_lengths(spec: dict[str, Any]) -> dict[str, Any]:
+    """One epoch of training (`mode` train) or of batch inference (`infer`) over `samples`
+    utterances with `realistic_lengths`, batched by `ks_keras.data.make_dataset` as
+    `ks-keras train` / `evaluate` batch them: length-bucketed (`layout` bucketed, when the
+    model ignores trailing padding) or padded to the full length (`padded`)."""
+    import numpy as np
+
+    from ks_keras.config import DataConfig, ModelConfig, from_dict
+    from ks_keras.data import length_order, make_dataset, restore_order
+
+    _, keras = _setup_child(spec)
+    model, n_params = _build_compiled_model(spec, keras)
+    m = spec["model"]
+    n, batch, train = spec["samples"], spec["batch"], spec["mode"] == "train"
+    modalities = tuple(m["modalities"])
+    bucket = spec["layout"] == "bucketed" and padding_invariant(from_dict(ModelConfig, m, "model"))
+    audio = realistic_lengths(n, spec.get("seed", 0), spec["audio_len"])
+    # The transcript grows with the utterance: its length in proportion to the audio's.
+    text = np.clip(np.ceil(audio * spec["text_len"] / spec["audio_len"]), 1, spec["text_len"])
+    data_cfg = DataConfig(audio_max_len=spec["audio_len"], text_max_len=spec["text_len"])
+    labels = np.random.default_rng(1).integers(0, m["num_classes"], n)
+    with tempfile.TemporaryDirectory(prefix="ks_bench_lengths_") as tmp:
+        cache = _synthetic_cache(
+            spec, Path(tmp) / "cache", n, {"audio": audio, "text": text.astype(np.int64)}
+        )
+        ids = list(cache.ids)
+        ds = make_dataset(
+            cache,
+            ids,
+            labels,
+            data_cfg,
+            batch_size=batch,
+            shuffle=train,
+            seed=0,
+            modalities=modalities,
+            bucket_by_length=bucket,
+        )
+        # Batches and the share of computed audio steps that are real (not padding); this
+        # pass also fills the training pipeline's in-memory cache.
+        key = modalities[0]
+        widths = [(int(x[key].shape[0]), int(x[key].shape[1])) for x, *_ in ds]
+        real = int(np.minimum(cache.lengths(ids, key), getattr(data_cfg, f"{key}_max_len")).sum())
+        order = length_order(cache, ids, data_cfg, modalities) if bucket and not train else None
+
+        if train:
+
+            def epoch():
+                for x, y in ds:
+                    loss = model.train_on_batch(x, y)
+                    if not math.isfinite(float(loss)):
+                        raise FloatingPointError(f"non-finite training loss {loss}")
+
+        else:
+
+            def epoch():
+                probs = model.predict(ds, verbose=0)
+                if order is not None:
+                    probs = restore_order(probs, order)  # what evaluation does
+                if probs.shape[0] != n or not np.isfinite(probs).all():
+                    raise FloatingPointError(f"bad predictions, shape {probs.shape}")
+
+        timing = _timed(epoch, spec["warmup"], spec["max_warmup"], spec["repeats"])
+    return {
+        **timing,
+        "samples_per_s": n / timing["median_s"],
+        "samples_per_epoch": n,
+        "batches_per_epoch": len(widths),
+        "bucketed": bucket,
+        "mean_audio_frames": round(float(audio.mean()), 1),
+        "real_step_share": round(real / sum(b * w for b, w in widths), 4),
+        "trainable_params": n_params,
         "peak_rss_gib": round(_peak_rss_gib(), 3),
     }
 
@@ -678,6 +799,8 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
         result = _measure_attention(spec)
     elif kind == "pipeline":
         result = _measure_pipeline(spec)
+    elif kind == "lengths":
+        result = _measure_lengths(spec)
     elif kind == "profile":
         result = _measure_profile(spec)
     else:
@@ -906,6 +1029,24 @@ def plan_measures(
             utterances=p["pipeline_utterances"],
             epochs=p["pipeline_epochs"],
         )
+    if "lengths" in only:
+        # Each timed call is a whole epoch (`lengths_samples` utterances): one to three
+        # warm-up epochs (compilation, the pipeline's cache), at most three timed.
+        for mode, b in (("train", big), ("infer", p["infer_batch"])):
+            for layout in ("bucketed", "padded"):
+                add(
+                    f"lengths_{mode}_{layout}",
+                    kind="lengths",
+                    mode=mode,
+                    layout=layout,
+                    batch=b,
+                    samples=p["lengths_samples"],
+                    jit=use_jit,
+                    precision=policy,
+                    warmup=1,
+                    max_warmup=3,
+                    repeats=min(3, p["repeats"]),
+                )
     return plan
 
 
@@ -992,6 +1133,22 @@ def summarize(
         # Share of one training step's wall time the pipeline would need if it ran serially.
         "pipeline_share_of_step": _ratio(model_rate, pipe),
     }
+
+    lengths = {}
+    for mode in ("train", "infer"):
+        bucketed, padded = f"lengths_{mode}_bucketed", f"lengths_{mode}_padded"
+        lengths[mode] = {
+            "bucketed_samples_per_s": get(bucketed),
+            "padded_samples_per_s": get(padded),
+            "bucketed_over_padded": _ratio(get(bucketed), get(padded)),
+            "bucketed": get(bucketed, "bucketed"),
+            "real_step_share_bucketed": get(bucketed, "real_step_share"),
+            "real_step_share_padded": get(padded, "real_step_share"),
+        }
+    lengths["samples_per_epoch"] = p["lengths_samples"]
+    frames = [get(f"lengths_{m}_padded", "mean_audio_frames") for m in ("train", "infer")]
+    lengths["mean_audio_frames"] = next((f for f in frames if f is not None), None)
+    c["lengths"] = lengths
 
     # The reference model measured in this run (`--reference-dir`), and ours over it. Never
     # a ratio to STORED_REFERENCE: those figures come from another machine.
@@ -1194,6 +1351,18 @@ def format_table(report: dict[str, Any]) -> str:
     row(
         "tf.data / model train rate", _fmt(pi["pipeline_over_model"], ".0f"), same_run_target=">> 1"
     )
+    le = s["comparisons"].get("lengths") or {}
+    for mode, label in (
+        ("train", f"train, batch {big}"),
+        ("infer", f"inference, batch {p['infer_batch']}"),
+    ):
+        figures = le.get(mode) or {}
+        row(
+            f"realistic lengths, {label}: samples/s bucketed / padded",
+            f"{_fmt(figures.get('bucketed_samples_per_s'))} / "
+            f"{_fmt(figures.get('padded_samples_per_s'))}",
+        )
+        row("  ratio bucketed / padded (same run)", _fmt(figures.get("bucketed_over_padded")))
 
     n = len(rows[0])
     widths = [max(len(line[i]) for line in rows) for i in range(n)]

@@ -17,6 +17,11 @@ after normalisation.
   shuffles with `seed` (same seed → same order; each epoch reshuffles deterministically).
 - Evaluation (`shuffle=False`) yields the utterances **in the order given**, built from
   `load_arrays` (cropped arrays in memory).
+- Length bucketing (`bucket_by_length=True`, only for models whose output ignores trailing
+  padding, `bucketing(cfg)`) cuts every batch after its longest real step. Training batches
+  utterances of similar length (buckets at the length quartiles, shuffled); evaluation
+  batches them from the shortest to the longest (`length_order`), and `restore_order` puts
+  the predictions back in the order given.
 
 Normalisation (`features.audio.normalize`): statistics are computed by `compute_norm_stats`
 from the utterances you pass (the training ids for `global`), stored in a JSON-able
@@ -329,11 +334,14 @@ def make_dataset(
         with_ids: also put the utterance id (string) into `inputs["id"]`.
         prefetch: add `prefetch(AUTOTUNE)`.
         functionals: `{id: [D]}` openSMILE functionals; adds the input `"functionals"`.
-        bucket_by_length: training only (`shuffle=True`): batch utterances of similar length
-            together (4 buckets at the length quartiles of these utterances, shuffled within
-            and across buckets) and cut each batch after its longest real step. Same samples
-            per epoch, far less padding; use it only for models whose output ignores
-            trailing padding (`ks_keras.config.padding_invariant`).
+        bucket_by_length: batch utterances of similar length together and cut each batch
+            after its longest real step. Same samples per epoch, far less padding; use it
+            only for models whose output ignores trailing padding (`bucketing(cfg)`,
+            `ks_keras.config.padding_invariant`). Training (`shuffle=True`): 4 buckets at the
+            length quartiles of these utterances, shuffled within and across buckets.
+            Evaluation (`shuffle=False`): the utterances come in `length_order(...)` order
+            (shortest first), so batches are consecutive lengths; put predictions back in
+            the order given with `restore_order(predictions, length_order(...))`.
 
     Raises:
         ValueError: unknown/duplicate ids, bad labels, all-padding samples (named), missing
@@ -356,6 +364,11 @@ def make_dataset(
         for utt_id in utterance_ids:
             normalizer.stats_for(utt_id, speaker_of)  # fail early, naming the utterance
     rows = functional_rows(functionals, utterance_ids) if functionals is not None else None
+    if bucket_by_length and not shuffle:
+        order = length_order(cache, utterance_ids, data_cfg, modalities)
+        utterance_ids = [utterance_ids[i] for i in order]
+        labels = labels[order]
+        rows = rows[order] if rows is not None else None
     if shuffle:
         ds = _streaming(
             cache,
@@ -393,17 +406,59 @@ def make_dataset(
         ds = ds.map(_cut_after_longest(modalities), num_parallel_calls=tf.data.AUTOTUNE)
     else:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        if bucket_by_length:  # sorted by length above: consecutive batches, each cut
+            ds = ds.map(_cut_after_longest(modalities), num_parallel_calls=tf.data.AUTOTUNE)
     if prefetch:
         ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds
 
 
 def bucketing(cfg) -> bool:
-    """Whether training batches of `cfg` may be bucketed by length and cut after their
-    longest real step: `data.bucket_by_length`, and a model that ignores trailing padding."""
+    """Whether batches of `cfg` (training and prediction) may be bucketed by length and cut
+    after their longest real step: `data.bucket_by_length`, and a model that ignores trailing
+    padding."""
     from ks_keras.config import padding_invariant
 
     return bool(cfg.data.bucket_by_length and padding_invariant(cfg.model))
+
+
+def length_order(
+    cache: FeatureCache,
+    utterance_ids: list[str],
+    data_cfg: DataConfig,
+    modalities: tuple[str, ...] | list[str] | None = None,
+) -> np.ndarray:
+    """Indices into `utterance_ids` from the shortest to the longest utterance: the order in
+    which `make_dataset(..., shuffle=False, bucket_by_length=True)` yields them.
+
+    Sorted by the cropped length of the first modality, then of the others; ties keep the
+    given order (a stable sort), so the same arguments always give the same order.
+
+    Example:
+
+    ```python
+    ds = make_dataset(cache, ids, labels, cfg.data, 32, bucket_by_length=True)
+    probs = restore_order(model.predict(ds), length_order(cache, ids, cfg.data))
+    ```
+    """
+    modalities = tuple(modalities or cache.modalities)
+    max_len = {"audio": data_cfg.audio_max_len, "text": data_cfg.text_max_len}
+    ids = list(utterance_ids)
+    keys = [np.minimum(cache.lengths(ids, m), max_len[m]) for m in modalities]
+    # np.lexsort sorts by its last key first, and is stable.
+    return np.lexsort(keys[::-1]) if keys else np.arange(len(ids))
+
+
+def restore_order(rows, order: np.ndarray) -> np.ndarray:
+    """Rows produced in `order` (e.g. predictions of a length-sorted dataset) put back in
+    the original order: `restore_order(x[order], order)` is `x`."""
+    rows = np.asarray(rows)
+    order = np.asarray(order)
+    if len(rows) != len(order):
+        raise ValueError(f"restore_order: {len(rows)} rows for an order of {len(order)} items")
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 def _bucketed_batches(cache, utt_ids, data_cfg, modalities, ds, batch_size):

@@ -419,11 +419,14 @@ def _fit_fold_member(
     functionals=None,
 ):
     """Train one model on a fold; returns `(FitResult, test probabilities [n_test, C])`."""
-    from ks_keras.data import bucketing, make_dataset
+    from ks_keras.data import bucketing, length_order, make_dataset, restore_order
     from ks_keras.model import build_model
     from ks_keras.training import balanced_class_weights, fit
 
     seed = fold_cfg.train.seed
+    # Length-bucketed batches for training and prediction alike (test and validation
+    # batches come sorted by length; the test predictions are put back in fold order).
+    bucket = bucketing(fold_cfg)
 
     def dataset(ids, shuffle):
         return make_dataset(
@@ -433,7 +436,7 @@ def _fit_fold_member(
             fold_cfg.data,
             batch_size=fold_cfg.train.batch_size,
             shuffle=shuffle,
-            bucket_by_length=shuffle and bucketing(fold_cfg),
+            bucket_by_length=bucket,
             seed=seed,
             modalities=fold_cfg.model.modalities,
             normalizer=normalizer,
@@ -465,6 +468,9 @@ def _fit_fold_member(
         )
         _write_json_atomic(Path(run_dir) / FINISHED_FILE, identity)
     logits = np.asarray(result.model.predict(test_ds, verbose=0), np.float64)
+    if bucket:
+        order = length_order(cache, fold.test_ids, fold_cfg.data, fold_cfg.model.modalities)
+        logits = restore_order(logits, order)
     logits -= logits.max(axis=-1, keepdims=True)
     probs = np.exp(logits)
     return result, probs / probs.sum(axis=-1, keepdims=True)

@@ -40,7 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from ks_keras.config import Config, apply_overrides, from_dict, load_config, validate_config
+from ks_keras.config import (
+    Config,
+    apply_overrides,
+    from_dict,
+    load_config,
+    padding_invariant,
+    validate_config,
+)
 from ks_keras.export import (
     DEFAULT_SIGNATURE,
     WAVEFORM_SIGNATURE,
@@ -671,13 +678,36 @@ class Predictor:
         ]
         inputs, notes = self.featurizer.inputs(paths, texts, names, signature, speakers)
         size = max(1, int(batch_size))
+        order = self._length_order(inputs) if n > size else np.arange(n)
+        inputs = {k: np.asarray(v)[order] for k, v in inputs.items()}
         probs = np.concatenate(
             [
                 self.predict_inputs({k: v[i : i + size] for k, v in inputs.items()}, signature)
                 for i in range(0, n, size)
             ]
         )
+        probs[order] = probs.copy()  # back in the order given
         return predictions_from_probabilities(probs, self.labels, paths, texts, ids, notes)
+
+    def _length_order(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Items from the shortest to the longest when the model's graph cuts each batch after
+        its longest real step (`crop_to_longest`): batches of similar length then carry
+        little padding. Otherwise the order given (nothing to gain)."""
+        n = len(next(iter(inputs.values())))
+        crop = self.metadata.get("crop_to_longest")
+        if crop is None:  # metadata written before the flag existed (as export decides)
+            crop = "config" in self.metadata and padding_invariant(
+                metadata_config(self.metadata).model
+            )
+        if not crop:
+            return np.arange(n)
+        keys = [np.asarray(inputs["waveform_length"])] if "waveform_length" in inputs else []
+        keys += [
+            np.asarray(inputs[f"{m}_mask"]).sum(axis=1)
+            for m in self.metadata["modalities"]
+            if f"{m}_mask" in inputs
+        ]
+        return np.lexsort(keys[::-1]) if keys else np.arange(n)
 
 
 def speaker_groups(speakers: list[str | None] | None, n: int) -> dict[Any, list[int]]:

@@ -106,7 +106,13 @@ def run_train(args) -> int:
 
 def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_speakers) -> int:
 
-    from ks_keras.data import bucketing, compute_norm_stats, make_dataset
+    from ks_keras.data import (
+        bucketing,
+        compute_norm_stats,
+        length_order,
+        make_dataset,
+        restore_order,
+    )
     from ks_keras.ensemble import ensemble_model, member_seed
     from ks_keras.export import write_model_sidecar
     from ks_keras.features.cache import extract_corpus
@@ -127,6 +133,10 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
         norm_ids = train_ids if mode == "global" else train_ids + val_ids
         normalizer = compute_norm_stats(cache, norm_ids, mode, speaker_of)
 
+    # Length-bucketed batches for training and validation alike (validation batches come
+    # sorted by length; its predictions are put back in the order of `val_ids`).
+    bucket = bucketing(cfg)
+
     def dataset(ids, shuffle, seed=cfg.train.seed):
         return make_dataset(
             cache,
@@ -135,7 +145,7 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
             cfg.data,
             batch_size=cfg.train.batch_size,
             shuffle=shuffle,
-            bucket_by_length=shuffle and bucketing(cfg),
+            bucket_by_length=bucket,
             seed=seed,
             modalities=modalities,
             normalizer=normalizer,
@@ -202,7 +212,10 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     # Under `rotate`, members 2.. trained on member 1's validation speakers: score member 1
     # alone there, so the validation figures stay held-out.
     scored = plains[0] if n_members > 1 and cfg.train.ensemble_val == "rotate" else plain
-    pred = scored.predict(val_ds, verbose=0).argmax(-1)
+    probs = scored.predict(val_ds, verbose=0)
+    if bucket:
+        probs = restore_order(probs, length_order(cache, val_ids, cfg.data, modalities))
+    pred = probs.argmax(-1)
     metrics = compute_metrics(corpus.label_ids(val_ids), pred, cfg.model.num_classes)
     is_chief, _ = worker_role(strategy)
     if is_chief:

@@ -18,7 +18,7 @@ SUMMARY_KEYS = {
     "reference",
     "targets",
 }
-COMPARISONS = {"xla", "precision", "attention", "pipeline"}
+COMPARISONS = {"xla", "precision", "attention", "pipeline", "lengths"}
 
 
 def _fake_child(
@@ -65,6 +65,11 @@ def _fake_child(
             out["median_s"] = ks_s if spec["layer"] == "key_sparse" else dense_s
         elif kind == "pipeline":
             out.update(median_s=0.1, samples_per_s=5000.0, source="fake pipeline")
+        elif kind == "lengths":
+            # An epoch of `samples`: bucketed twice as fast as padded.
+            out.update(median_s=spec["samples"] / (8.0 if spec["layout"] == "bucketed" else 4.0))
+            out.update(samples_per_s=8.0 if spec["layout"] == "bucketed" else 4.0)
+            out.update(mean_audio_frames=208.0, bucketed=spec["layout"] == "bucketed")
         if kind in ("train", "infer", "latency"):
             out["samples_per_s"] = spec["batch"] / out["median_s"]
         return out
@@ -88,6 +93,15 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
     assert [c.get("serving") for c in latency] == [None, "crop", "crop"]
     assert latency[2]["intra_threads"] == 1 and latency[2]["inter_threads"] >= 1
     assert kinds.count("pipeline") == 1
+    # Realistic lengths: training and inference, bucketed and padded, the same samples.
+    lengths = [c for c in calls if c["kind"] == "lengths"]
+    assert [(c["mode"], c["layout"], c["batch"]) for c in lengths] == [
+        ("train", "bucketed", 32),
+        ("train", "padded", 32),
+        ("infer", "bucketed", 32),
+        ("infer", "padded", 32),
+    ]
+    assert {c["samples"] for c in lengths} == {bench._plan(False)["lengths_samples"]}
     assert sorted({c["batch"] for c in calls if c["kind"] == "train"}) == [16, 32]
     assert {c["jit"] for c in calls if c["kind"] == "train"} == {True, False}
     assert {c["precision"] for c in calls if c["kind"] == "train"} == {
@@ -124,6 +138,13 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
         "attention_fwd_bwd": True,
     }
     assert s["comparisons"]["pipeline"]["pipeline_over_model"] == pytest.approx(5000 / 3.2)
+    le = s["comparisons"]["lengths"]
+    assert le["train"]["bucketed_over_padded"] == pytest.approx(2.0)
+    assert le["infer"]["padded_samples_per_s"] == pytest.approx(4.0)
+    assert le["mean_audio_frames"] == pytest.approx(208.0)
+    table = bench.format_table(report)
+    assert "realistic lengths, train, batch 32: samples/s bucketed / padded" in table
+    assert "8.00 / 4.00" in table
     assert saved["meta"]["cpu"]["cores"] >= 1 and saved["meta"]["cpu"]["model"]
     assert saved["stored_reference"]["machine"] == bench.STORED_REFERENCE["machine"]
 
@@ -286,3 +307,38 @@ def test_a_comparison_twin_that_times_out_is_reported_not_fatal(monkeypatch, tmp
     saved = json.loads(out.read_text())
     assert saved["results"]["train_b32_xla_on"]["comparison_only"] is True
     assert saved["summary"]["comparisons"]["xla"]["train_speedup_jit_on"] is None
+
+
+def test_realistic_lengths_are_seeded_cropped_and_iemocap_like():
+    seconds = bench.utterance_seconds(20000, seed=0)
+    assert seconds.mean() == pytest.approx(bench.UTTERANCE_MEAN_S, rel=0.03)
+    assert 0.002 < (seconds > 20).mean() < 0.02  # a long tail past 20 s
+    frames = bench.realistic_lengths(20000, seed=0)
+    assert frames.dtype.kind == "i" and frames.min() >= 1 and frames.max() == 460
+    assert 0.05 < (frames == 460).mean() < 0.15  # the tail is cropped at 460 frames
+    # 50 frames/s at the paper's 460 frames: mean 4.5 s is 225 frames before the crop.
+    assert 190 < frames.mean() < 225
+    assert (bench.realistic_lengths(50, seed=3) == bench.realistic_lengths(50, seed=3)).all()
+    assert (bench.realistic_lengths(50, seed=3) != bench.realistic_lengths(50, seed=4)).any()
+    tiny = bench.realistic_lengths(500, seed=0, max_len=24)  # --quick: the same 9.2 s crop
+    assert tiny.min() >= 1 and tiny.max() == 24
+
+
+def test_realistic_length_measure_runs_on_a_tiny_model():
+    """The new child measure, run in this process on the quick sizes: an epoch of bucketed
+    training and of bucketed and padded inference gives finite figures (no timings checked)."""
+    from ks_keras.config import load_config
+
+    cfg = load_config(None, bench.QUICK_OVERRIDES)
+    plan = dict(bench.plan_measures(cfg, True, ("lengths",), False, "float32", "mixed_bfloat16"))
+    assert set(plan) == {
+        f"lengths_{m}_{k}" for m in ("train", "infer") for k in ("bucketed", "padded")
+    }
+    for name in ("lengths_train_bucketed", "lengths_infer_bucketed", "lengths_infer_padded"):
+        spec = {**plan[name], "samples": 12, "warmup": 1, "max_warmup": 1, "repeats": 1}
+        result = bench.child_main(spec)
+        assert result["samples_per_epoch"] == 12 and result["bucketed"] == ("bucketed" in name)
+        assert result["median_s"] > 0 and result["samples_per_s"] > 0
+        assert 0 < result["real_step_share"] <= 1 and result["batches_per_epoch"] >= 2
+        if "padded" in name:  # cropped realistic lengths fill about 40 % of 24 steps
+            assert result["real_step_share"] < 0.8

@@ -13,9 +13,11 @@ from ks_keras.data import (
     NormStats,
     class_weights,
     compute_norm_stats,
+    length_order,
     load_arrays,
     make_dataset,
     pad_or_crop,
+    restore_order,
 )
 from ks_keras.features import get_audio_extractor
 from ks_keras.features.base import FeatureExtractor
@@ -271,26 +273,25 @@ def test_all_padding_sample_rejected_with_its_id(tmp_path):
     assert len(as_numpy(make_dataset(cache, ok, corpus.label_ids(ok), DATA, 8))) == 1
 
 
+TINY_MODEL = {
+    "audio_dim": 8,
+    "text_dim": 8,
+    "num_heads": 2,
+    "audio_ffn_dim": 16,
+    "text_ffn_dim": 16,
+    "n_fem": 1,
+    "n_ccab": 1,
+    "n_dfm": 1,
+    "head_units": [8],
+    "num_classes": 3,
+}
+
+
 def test_feeds_the_model(built):
     from ks_keras.model import build_model
 
     corpus, cache = built
-    cfg = config_from_dict(
-        {
-            "model": {
-                "audio_dim": 8,
-                "text_dim": 8,
-                "num_heads": 2,
-                "audio_ffn_dim": 16,
-                "text_ffn_dim": 16,
-                "n_fem": 1,
-                "n_ccab": 1,
-                "n_dfm": 1,
-                "head_units": [8],
-                "num_classes": 3,
-            }
-        }
-    )
+    cfg = config_from_dict({"model": TINY_MODEL})
     model = build_model(cfg)
     ds = make_dataset(cache, corpus.ids, corpus.label_ids(), DATA, 4, shuffle=True, seed=0)
     assert ds.cardinality().numpy() == 3  # known, so Keras sees the epoch length
@@ -370,3 +371,53 @@ def test_bucketed_batches_cut_padding_keep_every_sample_and_the_arrays(built):
                 np.testing.assert_array_equal(inputs[key][row], ordered[key][k][:width])
                 assert not ordered[f"{key}_mask"][k][width:].any()  # only padding was cut
     assert shorter  # some batches really are shorter than the padded length
+
+
+def test_length_order_and_restore_order():
+    x = np.arange(12).reshape(6, 2)
+    order = np.array([3, 0, 5, 1, 4, 2])
+    np.testing.assert_array_equal(restore_order(x[order], order), x)
+    with pytest.raises(ValueError, match="5 rows for an order of 6"):
+        restore_order(x[:5], order)
+
+
+def test_bucketed_prediction_keeps_the_order_and_the_values_of_padded_batches(built):
+    """Inference batches sorted by length and cut after their longest real step give the
+    padded batches' predictions, row for row, once put back in the order given."""
+    from ks_keras.config import padding_invariant
+    from ks_keras.data import bucketing
+    from ks_keras.model import build_model
+
+    corpus, cache = built
+    cfg = config_from_dict({"model": TINY_MODEL})
+    assert padding_invariant(cfg.model) and bucketing(cfg)
+    model = build_model(cfg)
+    ids = corpus.ids[::-1]  # not the cache's order
+    labels = corpus.label_ids(ids)
+    order = length_order(cache, ids, DATA)
+    audio_len = np.minimum(cache.lengths(ids, "audio"), DATA.audio_max_len)
+    assert sorted(order.tolist()) == list(range(len(ids)))
+    assert (np.diff(audio_len[order]) >= 0).all()
+    assert length_order(cache, ids, DATA).tolist() == order.tolist()  # deterministic
+
+    padded = make_dataset(cache, ids, labels, DATA, batch_size=3, with_ids=True)
+    bucketed = make_dataset(
+        cache, ids, labels, DATA, batch_size=3, with_ids=True, bucket_by_length=True
+    )
+    seen = [i.decode() for inputs, _ in as_numpy(bucketed) for i in inputs["id"]]
+    assert seen == [ids[k] for k in order]
+    widths = [inputs["audio"].shape[1] for inputs, _ in as_numpy(bucketed)]
+    assert min(widths) < DATA.audio_max_len  # batches really are cut
+    y_bucketed = np.concatenate([y for _, y in as_numpy(bucketed)])
+    np.testing.assert_array_equal(restore_order(y_bucketed, order), labels)
+
+    def predict(ds):
+        ds = ds.map(lambda inputs, y: {k: v for k, v in inputs.items() if k != "id"})
+        return model.predict(ds, verbose=0)
+
+    want = predict(padded)
+    got = restore_order(predict(bucketed), order)
+    assert got.shape == want.shape == (len(ids), 3)
+    # Different batch shapes change the float32 rounding only.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(predict(bucketed), want, rtol=1e-5, atol=1e-6)  # order matters

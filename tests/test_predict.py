@@ -612,3 +612,30 @@ def test_functionals_request_settings_must_be_the_models(functionals_model):
     # A single file without a speaker: normalised alone (all zeros), and said so.
     [pred] = predictor.predict_files(files[:1], None)
     assert any("with no speaker given" in n and "all zero" in n for n in pred.notes)
+
+
+def test_batches_are_sorted_by_length_and_predictions_come_back_in_order(audio_model):
+    """With more items than one batch, a model that ignores padding gets batches of similar
+    length (its graph cuts each after its longest real step); results keep the given order."""
+    cfg, model, export_dir, _, files = audio_model
+    paths = [files["b"], files["a"], files["c"], files["a"]]
+    predictor = Predictor.load(export_dir)
+    assert predictor.metadata["crop_to_longest"] is True
+    seen = []
+    run = predictor.predict_inputs
+
+    def recording(inputs, signature):
+        seen.append(inputs["audio_mask"].sum(axis=1).tolist())
+        return run(inputs, signature)
+
+    predictor.predict_inputs = recording
+    sorted_batches = predictor.predict_files(paths, None, batch_size=2)
+    lengths = [n for batch in seen for n in batch]
+    assert lengths == sorted(lengths) and len(seen) == 2
+    one_batch = predictor.predict_files(paths, None, batch_size=4)  # the order given
+    want = keras_reference(model, cfg, paths)
+    for got, whole, ref in zip(sorted_batches, one_batch, want):
+        probs = np.array([got.probabilities[lab] for lab in LABELS])
+        np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)
+        assert got.path == whole.path and got.label == whole.label
+    assert [p.path for p in sorted_batches] == [str(p) for p in paths]
