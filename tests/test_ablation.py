@@ -68,3 +68,33 @@ def test_ablation_grid_on_a_tiny_corpus(tmp_path):
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert "n_ccab = 3" in table and "FEM + MIM + DFM" in table and "0.753" in table
     assert table.count("±") >= 2 * 7
+
+
+def test_accuracy_ablation_default_variants_apply_to_the_accurate_config():
+    from ks_keras.config import load_config
+
+    script = _load("accuracy_ablation", ROOT / "scripts" / "accuracy_ablation.py")
+    for label, overrides in script.DEFAULT_VARIANTS:
+        cfg = load_config(ROOT / "configs" / "emodb_accurate.yaml", overrides)
+        assert cfg.model.functionals_dim == (6373 if cfg.features.functionals == "compare" else 0)
+        assert cfg.train.ensemble in (1, 3), label
+
+
+def test_accuracy_ablation_on_a_tiny_corpus(tmp_path):
+    e2e = _load("e2e", ROOT / "tests" / "test_evaluation_e2e.py")
+    manifest = e2e._corpus(tmp_path, speakers=("a", "b", "c"), per_class=2)
+    path = tmp_path / "cfg.yaml"
+    save_config(e2e._cfg(tmp_path, manifest, "train.epochs=1"), path)
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(
+        "- {label: single, overrides: []}\n- {label: pair, overrides: [train.ensemble=2]}\n"
+    )
+    script = _load("accuracy_ablation", ROOT / "scripts" / "accuracy_ablation.py")
+    out = tmp_path / "out"
+    rc = script.run(
+        ["--config", str(path), "--variants", str(variants), "--repeats", "2"]
+        + ["--max-folds", "1", "--out-dir", str(out), "--no-progress"]
+    )
+    assert rc == 0
+    table = (out / "ablation.md").read_text()
+    assert "| single |" in table and "| pair |" in table and "±" in table
