@@ -421,7 +421,7 @@ def _fit_fold_member(
     """Train one model on a fold; returns `(FitResult, test probabilities [n_test, C])`."""
     from ks_keras.data import bucketing, length_order, make_dataset, restore_order
     from ks_keras.model import build_model
-    from ks_keras.training import balanced_class_weights, fit
+    from ks_keras.training import balanced_class_weights, fit, write_json_atomic
 
     seed = fold_cfg.train.seed
     # Length-bucketed batches for training and prediction alike (test and validation
@@ -466,7 +466,7 @@ def _fit_fold_member(
             monitor="val_ua",
             verbose=verbose,
         )
-        _write_json_atomic(Path(run_dir) / FINISHED_FILE, identity)
+        write_json_atomic(Path(run_dir) / FINISHED_FILE, identity)
     logits = np.asarray(result.model.predict(test_ds, verbose=0), np.float64)
     if bucket:
         order = length_order(cache, fold.test_ids, fold_cfg.data, fold_cfg.model.modalities)
@@ -499,12 +499,6 @@ def _member_identity(fold_cfg: Config, fold: Fold, protocol: str) -> dict:
     }
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def finished_member(fold_cfg: Config, run_dir: str | Path, identity: dict):
     """The `FitResult` of a member that already finished in `run_dir`, or None.
 
@@ -512,7 +506,7 @@ def finished_member(fold_cfg: Config, run_dir: str | Path, identity: dict):
     validation and test utterances) and its best weights, best epoch and history are there.
     """
     from ks_keras.model import build_model
-    from ks_keras.training import BEST_WEIGHTS, FitResult
+    from ks_keras.training import BEST_WEIGHTS, FitResult, history_columns
 
     run_dir = Path(run_dir)
     try:
@@ -528,13 +522,9 @@ def finished_member(fold_cfg: Config, run_dir: str | Path, identity: dict):
         model.load_weights(run_dir / BEST_WEIGHTS)
     except Exception:  # torn or foreign weights: train again
         return None
-    history: dict[str, list[float]] = {}
-    for entry in epochs:
-        for key, value in entry.items():
-            history.setdefault(key, []).append(value)
     return FitResult(
         model=model,
-        history=history,
+        history=history_columns(epochs),
         best_epoch=best.get("epoch"),
         best_value=best.get("value"),
         monitor=best.get("monitor", "val_ua"),

@@ -105,7 +105,6 @@ def run_train(args) -> int:
 
 
 def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_speakers) -> int:
-
     from ks_keras.data import (
         bucketing,
         compute_norm_stats,

@@ -607,19 +607,24 @@ class RunLog(keras.callbacks.Callback):
         if self._improved(value):
             self.best = {"epoch": epoch, "monitor": self.monitor, "value": value}
             commit_weights(self.model, self.weights_path, self.best_path, self.best)
-        _write_json_atomic(self.history_path, [self.entries[e] for e in sorted(self.entries)])
+        write_json_atomic(self.history_path, [self.entries[e] for e in sorted(self.entries)])
 
     def history(self) -> dict[str, list[float]]:
         """Logged values as `{name: [value per epoch]}` over every epoch so far."""
-        ordered = [self.entries[e] for e in sorted(self.entries)]
-        names = sorted({k for entry in ordered for k in entry if k != "epoch"})
-        out: dict[str, list[float]] = {"epoch": [e["epoch"] for e in ordered]}
-        for name in names:
-            out[name] = [e.get(name, float("nan")) for e in ordered]
-        return out
+        return history_columns([self.entries[e] for e in sorted(self.entries)])
 
 
-def _write_json_atomic(path: Path, data) -> None:
+def history_columns(entries: list[dict]) -> dict[str, list[float]]:
+    """`history.json`'s per-epoch entries as `{name: [value per epoch]}` (NaN where absent)."""
+    names = sorted({k for entry in entries for k in entry if k != "epoch"})
+    out: dict[str, list[float]] = {"epoch": [e["epoch"] for e in entries]}
+    for name in names:
+        out[name] = [e.get(name, float("nan")) for e in entries]
+    return out
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file, then rename: a kill never leaves a torn file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
@@ -640,9 +645,9 @@ def commit_weights(model: keras.Model, final: Path, record_path: Path, record: d
     """
     tmp = _tmp_weights(final)
     model.save_weights(tmp, overwrite=True)
-    _write_json_atomic(record_path, {**record, "pending": tmp.name})
+    write_json_atomic(record_path, {**record, "pending": tmp.name})
     os.replace(tmp, final)
-    _write_json_atomic(record_path, record)
+    write_json_atomic(record_path, record)
 
 
 def finish_pending_weights(record_path: Path, final: Path) -> dict | None:
@@ -661,7 +666,7 @@ def finish_pending_weights(record_path: Path, final: Path) -> dict | None:
     if pending is not None:
         if tmp.is_file():
             os.replace(tmp, final)  # committed but not renamed: roll forward
-        _write_json_atomic(record_path, record)
+        write_json_atomic(record_path, record)
     tmp.unlink(missing_ok=True)  # written but never committed
     return record
 
