@@ -154,3 +154,28 @@ def load_audio(path: str | Path, sample_rate: int = 16000, min_seconds: float = 
             raise ValueError(f"{path}: too short to resample from {rate} Hz to {sample_rate} Hz")
     # Float files may exceed full scale and resampling can overshoot slightly: clamp.
     return np.clip(wave, -1.0, 1.0, out=wave)
+
+
+def change_speed(wave: np.ndarray, factor: float, sample_rate: int = 16000) -> np.ndarray:
+    """Speed perturbation, as sox's `speed` effect: the recording played `factor` times as
+    fast (tempo and pitch change together; `factor` 0.9 is 10 % slower and lower), at the
+    same sample rate. The length becomes `len(wave) / factor` (rounded).
+
+    Args:
+        wave: 1-D float32 samples at `sample_rate`.
+        factor: speed factor in [0.5, 2.0]; 1.0 returns `wave` unchanged.
+        sample_rate: the rate of `wave` (and of the result).
+
+    Raises:
+        ValueError: a factor outside [0.5, 2.0] or a non-1-D input.
+    """
+    if not 0.5 <= factor <= 2.0:
+        raise ValueError(f"speed factor: expected a number in [0.5, 2.0], got {factor!r}")
+    wave = np.asarray(wave, np.float32)
+    if wave.ndim != 1:
+        raise ValueError(f"change_speed: expected 1-D samples, got shape {wave.shape}")
+    if factor == 1.0:
+        return wave
+    # Read the samples as if recorded at `factor * rate`, then resample to `rate`.
+    out = soxr.resample(wave, sample_rate * factor, sample_rate, quality="HQ")
+    return np.clip(out.astype(np.float32, copy=False), -1.0, 1.0)

@@ -168,6 +168,12 @@ class AudioFeatureConfig:
     # (10 ms hop) are averaged onto the frames that win_ms / hop_ms define.
     opensmile_set: Literal["egemaps", "compare"] = "egemaps"
     opensmile_deltas: bool = False
+    # Speed perturbation (training-time augmentation): extra speed factors, e.g. [0.9, 1.1].
+    # Each factor's audio is resampled before extraction (factor 0.9: 10 % slower and lower,
+    # as sox `speed`) and cached next to the original features; every epoch, each training
+    # utterance is drawn from one of the original and these variants (seeded). Validation,
+    # test, prediction and exports use the original audio only. [] = off.
+    speed_perturb: list[float] = field(default_factory=list)
     # hf
     model_path: str | None = None
     layer: int | list[int] = -1
@@ -526,6 +532,21 @@ def validate_config(cfg: Config) -> None:
     for name in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins"):
         _check(getattr(a, name) >= 0, f"model.augment.{name}", "an integer >= 0", getattr(a, name))
     _check(a.noise_std >= 0, "model.augment.noise_std", "a number >= 0", a.noise_std)
+    sp = cfg.features.audio.speed_perturb
+    _check(
+        all(0.5 <= f <= 2.0 and f != 1.0 for f in sp) and len(set(sp)) == len(sp),
+        "features.audio.speed_perturb",
+        "distinct speed factors in [0.5, 2.0] other than 1.0 (the original is always used), "
+        "e.g. [0.9, 1.1]; [] = off",
+        sp,
+    )
+    if sp:
+        _check(
+            "audio" in m.modalities,
+            "features.audio.speed_perturb",
+            "an audio modality (model.modalities has no 'audio')",
+            sp,
+        )
 
     d = cfg.data
     _check(d.audio_max_len >= 1, "data.audio_max_len", "an integer >= 1", d.audio_max_len)

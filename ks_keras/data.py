@@ -313,6 +313,7 @@ def make_dataset(
     prefetch: bool = True,
     functionals: dict[str, np.ndarray] | None = None,
     bucket_by_length: bool = False,
+    speed_variants: bool = True,
 ) -> tf.data.Dataset:
     """A batched `tf.data.Dataset` of `(inputs, label[, sample_weight])` (see module doc).
 
@@ -342,6 +343,13 @@ def make_dataset(
             Evaluation (`shuffle=False`): the utterances come in `length_order(...)` order
             (shortest first), so batches are consecutive lengths; put predictions back in
             the order given with `restore_order(predictions, length_order(...))`.
+        speed_variants: training only (`shuffle=True`), when `cache.variants` holds
+            speed-perturbed features (`features.audio.speed_perturb`): every epoch, each
+            utterance comes from one of the original and its variants, drawn by `seed`
+            (uniformly, afresh each epoch, exactly one per utterance, so an epoch has the same
+            samples and length). Normalisation statistics, transcripts and functionals are the
+            original utterance's. Without shuffling (validation, test) only the original is
+            used. Memory: every variant is cached like the original.
 
     Raises:
         ValueError: unknown/duplicate ids, bad labels, all-padding samples (named), missing
@@ -370,17 +378,24 @@ def make_dataset(
         labels = labels[order]
         rows = rows[order] if rows is not None else None
     if shuffle:
-        ds = _streaming(
-            cache,
-            utterance_ids,
-            labels,
-            data_cfg,
-            modalities,
-            normalizer,
-            speaker_of,
-            class_weight,
-            rows,
-        )
+        sources = [cache]
+        if speed_variants and "audio" in modalities:
+            sources += list(getattr(cache, "variants", []))
+        streams = [
+            _streaming(
+                source,
+                utterance_ids,
+                labels,
+                data_cfg,
+                modalities,
+                normalizer,
+                speaker_of,
+                class_weight,
+                rows,
+            )
+            for source in sources
+        ]
+        ds = streams[0] if len(streams) == 1 else _one_variant_each(streams, seed)
         ds = ds.shuffle(
             max(1, min(data_cfg.shuffle_buffer, len(utterance_ids))),
             seed=seed,
@@ -397,13 +412,16 @@ def make_dataset(
         if class_weight is not None:
             elements = (inputs, labels, class_weight[labels])
         ds = tf.data.Dataset.from_tensor_slices(elements)
-    if not with_ids:
+    bucketed_training = shuffle and bucket_by_length
+    if not with_ids and not bucketed_training:
         ds = ds.map(_drop_id)
     if repeat:
         ds = ds.repeat()
-    if shuffle and bucket_by_length:
+    if bucketed_training:
         ds = _bucketed_batches(cache, utterance_ids, data_cfg, modalities, ds, batch_size)
         ds = ds.map(_cut_after_longest(modalities), num_parallel_calls=tf.data.AUTOTUNE)
+        if not with_ids:  # the buckets go by id (see `_bucketed_batches`)
+            ds = ds.map(_drop_id)
     else:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         if bucket_by_length:  # sorted by length above: consecutive batches, each cut
@@ -464,15 +482,18 @@ def restore_order(rows, order: np.ndarray) -> np.ndarray:
 def _bucketed_batches(cache, utt_ids, data_cfg, modalities, ds, batch_size):
     """Batches of similar length: buckets at the quartiles of the (cropped) lengths of the
     first modality. Every bucket flushes its last partial batch, so an epoch has the same
-    samples, and the same number of batches, every time."""
+    samples, and the same number of batches, every time. An utterance goes to the bucket of
+    its original length (looked up by id), so speed-perturbed variants, which are a little
+    shorter or longer, keep the bucket sizes, and the epoch's batch count, unchanged."""
     key = modalities[0]
     max_len = {"audio": data_cfg.audio_max_len, "text": data_cfg.text_max_len}[key]
     lengths = np.minimum(cache.lengths(list(utt_ids), key), max_len)
     bounds = sorted({int(q) + 1 for q in np.quantile(lengths, [0.25, 0.5, 0.75])})
     bounds = [b for b in bounds if 1 < b <= max_len]
+    length_of = _static_table(list(utt_ids), lengths.astype(np.int32), tf.int32, 1)
 
     def length(inputs, *rest):
-        return tf.reduce_sum(tf.cast(inputs[f"{key}_mask"], tf.int32))
+        return length_of.lookup(inputs["id"])
 
     return ds.bucket_by_sequence_length(
         length,
@@ -494,6 +515,37 @@ def _cut_after_longest(modalities):
         return (inputs, *rest)
 
     return cut
+
+
+def _one_variant_each(streams: list[tf.data.Dataset], seed: int) -> tf.data.Dataset:
+    """One element per utterance out of `streams` (the same utterances, one stream per speed
+    variant): utterance `u` comes from stream `hash(u, r) mod len(streams)`, where `r` is drawn
+    afresh (by `seed`) every time the dataset is iterated, i.e. every epoch."""
+    k = len(streams)
+
+    def tag(v):
+        def add(inputs, *rest):
+            return ({**inputs, "variant": tf.constant(v, tf.int64)}, *rest)
+
+        return add
+
+    union = streams[0].map(tag(0))
+    for v, stream in enumerate(streams[1:], start=1):
+        union = union.concatenate(stream.map(tag(v)))
+    n = int(streams[0].cardinality())
+    draw = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+    draws = draw.flat_map(lambda r: tf.data.Dataset.from_tensors(r).repeat())
+
+    def chosen(element, r):
+        key = tf.strings.join([element[0]["id"], tf.strings.as_string(r)], separator="#")
+        return tf.equal(tf.strings.to_hash_bucket_fast(key, k), element[0]["variant"])
+
+    def untag(element, r):
+        inputs = {name: x for name, x in element[0].items() if name != "variant"}
+        return (inputs, *element[1:])
+
+    ds = tf.data.Dataset.zip((union, draws)).filter(chosen).map(untag)
+    return ds.apply(tf.data.experimental.assert_cardinality(n))
 
 
 def _input_keys(modalities: tuple[str, ...]) -> list[str]:

@@ -244,3 +244,18 @@ def test_global_normalisation_run_saves_its_statistics_and_exports(tmp_path, cap
         + ["--name", "g", "--no-verify"]
     )
     assert rc == 0, capsys.readouterr().err
+
+
+def test_speed_perturbed_training_extracts_variants_and_trains(tmp_path, capsys):
+    """`features.audio.speed_perturb`: variants cached once next to the features, training
+    runs on them, the run's model and validation use the original audio."""
+    config = _config(tmp_path, _write_corpus(tmp_path / "wav"))
+    run_dir = tmp_path / "run"
+    args = ["--config", str(config), "--set", "features.audio.speed_perturb=[0.9, 1.1]"]
+    rc = main(["train", *args, "--run-dir", str(run_dir), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    variants = sorted(p.name for p in (tmp_path / "cache").rglob("speed-*") if p.is_dir())
+    assert variants == ["speed-0.9", "speed-1.1"]
+    metrics = json.loads((run_dir / "val_metrics.json").read_text())
+    assert np.sum(metrics["confusion"]) == 6  # validation: the 6 original utterances

@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from ks_keras.audio import load_audio
+from ks_keras.audio import AudioQualityWarning, change_speed, load_audio
 from ks_keras.config import Config, FeaturesConfig
 from ks_keras.corpora.manifest import Corpus, Utterance
 from ks_keras.files import sha256_file
@@ -173,6 +174,9 @@ class FeatureCache:
         self.entries = entries
         # Set by `extract_corpus`: what its run did (for summaries).
         self.last_run: dict[str, Any] | None = None
+        # Set by `extract_corpus` under `features.audio.speed_perturb`: one cache per extra
+        # speed factor, same utterance ids (training draws from them, see `ks_keras.data`).
+        self.variants: list[FeatureCache] = []
         self._shards: OrderedDict[int, dict[str, dict[str, np.ndarray]]] = OrderedDict()
 
     @classmethod
@@ -231,6 +235,11 @@ class FeatureCache:
     @property
     def complete(self) -> bool:
         return bool(self.metadata.get("complete"))
+
+    @property
+    def speed(self) -> float:
+        """The speed factor of the audio these features come from (1.0: the original)."""
+        return float(self.metadata.get("extractors", {}).get("audio", {}).get("speed", 1.0))
 
     def shard_path(self, number: int) -> Path:
         return self.cache_dir / f"{_shard_name(number)}.tfrecord"
@@ -519,6 +528,7 @@ def extract_corpus(
     progress: bool = True,
     on_shard_done: Callable[[int], None] | None = None,
     extractors: dict[str, Any] | None = None,
+    speed: float = 1.0,
 ) -> FeatureCache:
     """Extract every utterance of `corpus` once into `features.cache_dir`.
 
@@ -533,6 +543,10 @@ def extract_corpus(
         on_shard_done: called with the shard number after each shard is committed.
         extractors: `{modality: extractor}` to use instead of the configured ones (tests,
             custom front-ends); each needs the `FeatureExtractor` interface.
+        speed: extract from speed-perturbed audio (`ks_keras.audio.change_speed`) into the
+            subfolder `speed-<factor>` of the cache folder. Left at 1.0, the run also
+            extracts one such variant per factor of `features.audio.speed_perturb` and
+            attaches them as `cache.variants`.
 
     Returns:
         The opened `FeatureCache`.
@@ -554,6 +568,11 @@ def extract_corpus(
     extractors = {m: extractors[m] for m in modalities}
     metadata = cache_metadata(extractors)
     cache_dir = resolve_cache_dir(cfg, corpus, metadata)
+    if speed != 1.0:
+        if "audio" not in extractors:
+            raise ValueError("speed perturbation needs audio features (no audio extractor)")
+        metadata["extractors"]["audio"] = {**metadata["extractors"]["audio"], "speed": speed}
+        cache_dir = cache_dir / f"speed-{speed:g}"
     metadata["corpus"] = f"{corpus.name} ({corpus.source or 'no manifest'})"
     _prepare_dir(cache_dir, metadata)
     entries, damaged = _read_indexes(cache_dir, verify=True)
@@ -606,9 +625,7 @@ def extract_corpus(
                 waves, usable = [], []
                 for u in batch:
                     try:
-                        waves.append(
-                            load_audio(u.path, audio_cfg.sample_rate, audio_cfg.min_seconds)
-                        )
+                        waves.append(_load_wave(u.path, audio_cfg, speed))
                         usable.append(u)
                     except (ValueError, FileNotFoundError) as e:
                         bad_audio.append(str(e))  # keep going: all bad files are listed at the end
@@ -654,17 +671,36 @@ def extract_corpus(
     if progress:
         print(run_summary(cache))
     if bad_audio:
-        shown = bad_audio[:20] + (
-            [f"… and {len(bad_audio) - 20} more"] if len(bad_audio) > 20 else []
-        )
-        raise ValueError(
-            f"{len(bad_audio)} audio file(s) cannot be used (the other utterances were "
-            f"extracted into {cache_dir} and are kept):\n  "
-            + "\n  ".join(shown)
-            + "\nfix or replace these files, or remove their rows from the manifest, then run "
-            "again: only what is missing is extracted"
-        )
+        _raise_bad_audio(bad_audio, cache_dir)
+    if speed == 1.0 and "audio" in extractors:
+        cache.variants = [
+            extract_corpus(cfg, corpus, progress=progress, extractors=extractors, speed=factor)
+            for factor in cfg.features.audio.speed_perturb
+        ]
     return cache
+
+
+def _load_wave(path: str, audio_cfg, speed: float) -> np.ndarray:
+    """The utterance's samples for extraction, speed-perturbed unless `speed` is 1.0 (the
+    quality warnings were already given when the original was extracted)."""
+    if speed == 1.0:
+        return load_audio(path, audio_cfg.sample_rate, audio_cfg.min_seconds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AudioQualityWarning)
+        wave = load_audio(path, audio_cfg.sample_rate, audio_cfg.min_seconds)
+    return change_speed(wave, speed, audio_cfg.sample_rate)
+
+
+def _raise_bad_audio(bad_audio: list[str], cache_dir: Path) -> None:
+    """One error listing every unusable audio file of a run (at most 20 named)."""
+    shown = bad_audio[:20] + ([f"… and {len(bad_audio) - 20} more"] if len(bad_audio) > 20 else [])
+    raise ValueError(
+        f"{len(bad_audio)} audio file(s) cannot be used (the other utterances were "
+        f"extracted into {cache_dir} and are kept):\n  "
+        + "\n  ".join(shown)
+        + "\nfix or replace these files, or remove their rows from the manifest, then run "
+        "again: only what is missing is extracted"
+    )
 
 
 def run_summary(cache: FeatureCache) -> str:
