@@ -42,6 +42,11 @@ data = prepare_fold_data(cfg, fold=0)
 result = run_search(cfg, space, data.train_ds, data.val_ds, "runs/tune/demo", trials=10)
 final = finish_search(result, data)          # retrain, test, export
 ```
+
+Modules (every name is importable from `ks_keras.tuning` itself): `space` (YAML → checked
+`SearchSpace`), `hypermodel` (`KSTHyperModel`), `tuners` (`make_tuner`), `search`
+(`run_search`, summary, resume), `finish` (`finish_search`: retrain, test, export) and `cli`
+(`prepare_fold_data`, `ks-keras tune`); each imports only the ones before it.
 """
 
 from __future__ import annotations
