@@ -521,7 +521,7 @@ def test_failed_trials_are_reported_and_no_best(tmp_path, monkeypatch, capsys):
     def broken(cfg, *args, **kwargs):
         raise RuntimeError("boom: the model cannot be built")
 
-    monkeypatch.setattr(tuning, "build_model", broken)
+    monkeypatch.setattr(tuning.hypermodel, "build_model", broken)
     data = fold_data()
     result = tuning.run_search(
         tiny_config(),
@@ -547,7 +547,7 @@ def test_overwrite_starts_afresh_only_when_asked(tmp_path, monkeypatch):
     def broken(cfg, *args, **kwargs):  # fast trials: this test is about the project folder
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(tuning, "build_model", broken)
+    monkeypatch.setattr(tuning.hypermodel, "build_model", broken)
     data, project = fold_data(), tmp_path / "p"
     space = tuning.space_from_dict(TINY_SPACE)
     (tmp_path / "p").mkdir()
@@ -691,7 +691,7 @@ def test_cli_tune_exits_nonzero_when_no_trial_completes(tiny_corpus, tmp_path, m
     def broken(cfg, *args, **kwargs):
         raise RuntimeError("boom in every trial")
 
-    monkeypatch.setattr(tuning, "build_model", broken)
+    monkeypatch.setattr(tuning.hypermodel, "build_model", broken)
     space = write_space(
         tmp_path,
         {
