@@ -2,6 +2,6 @@
 
 import sys
 
-from ks_keras.bench import main
+from ks_keras.bench.cli import main
 
 sys.exit(main())
