@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ks_keras import bench, bench_reference
+from ks_keras.bench import runner as bench_runner
 from ks_keras.cli import main as cli_main
 
 SUMMARY_KEYS = {
@@ -79,8 +80,8 @@ def _fake_child(
 
 def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
     run_child, calls = _fake_child()
-    monkeypatch.setattr(bench, "run_child", run_child)
-    monkeypatch.setattr(bench, "_gpu_present", lambda: False)
+    monkeypatch.setattr(bench_runner, "run_child", run_child)
+    monkeypatch.setattr(bench_runner, "_gpu_present", lambda: False)
     out = tmp_path / "bench.json"
     report = bench.run_benchmark(output=out, progress=None)
     kinds = [c["kind"] for c in calls]
@@ -151,10 +152,10 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
 
 def test_report_without_a_reference_names_the_cpu_and_divides_by_nothing(monkeypatch):
     run_child, _ = _fake_child()
-    monkeypatch.setattr(bench, "run_child", run_child)
-    monkeypatch.setattr(bench, "_gpu_present", lambda: False)
+    monkeypatch.setattr(bench_runner, "run_child", run_child)
+    monkeypatch.setattr(bench_runner, "_gpu_present", lambda: False)
     cpu = {"model": "Test CPU 9000", "machine": "x86_64", "cores": 2, "flags": ["avx2", "fma"]}
-    monkeypatch.setattr(bench, "cpu_info", lambda: cpu)
+    monkeypatch.setattr(bench_runner, "cpu_info", lambda: cpu)
     report = bench.run_benchmark(output=None, progress=None)
     table = bench.format_table(report)
     header = table.splitlines()[0].split("  ")
@@ -177,8 +178,8 @@ def test_flags_fall_back_to_unknown_without_proc_cpuinfo():
 
 def test_a_reference_measured_in_the_same_run_gives_ratios_and_targets(monkeypatch, tmp_path):
     run_child, calls = _fake_child()
-    monkeypatch.setattr(bench, "run_child", run_child)
-    monkeypatch.setattr(bench, "_gpu_present", lambda: False)
+    monkeypatch.setattr(bench_runner, "run_child", run_child)
+    monkeypatch.setattr(bench_runner, "_gpu_present", lambda: False)
     report = bench.run_benchmark(
         only=("train", "infer", "latency"),
         output=tmp_path / "bench.json",
@@ -213,8 +214,8 @@ def test_missed_targets_and_failed_measures_are_reported(monkeypatch, tmp_path, 
     run_child, _ = _fake_child(
         step_s=30.0, rss=12.0, ks_s=2.0, fail=("latency",), ref_step_s=22.9, ref_rss=15.4
     )
-    monkeypatch.setattr(bench, "run_child", run_child)
-    monkeypatch.setattr(bench, "_gpu_present", lambda: False)
+    monkeypatch.setattr(bench_runner, "run_child", run_child)
+    monkeypatch.setattr(bench_runner, "_gpu_present", lambda: False)
     out = tmp_path / "r" / "bench.json"
     rc = cli_main(
         ["bench", "--only", "train,latency,attention", "--output", str(out)]
@@ -298,8 +299,8 @@ def test_a_comparison_twin_that_times_out_is_reported_not_fatal(monkeypatch, tmp
             return {"error": f"timed out after {timeout_s:.0f} s"}
         return run_child(spec, timeout_s, env)
 
-    monkeypatch.setattr(bench, "run_child", slow_xla)
-    monkeypatch.setattr(bench, "_gpu_present", lambda: False)
+    monkeypatch.setattr(bench_runner, "run_child", slow_xla)
+    monkeypatch.setattr(bench_runner, "_gpu_present", lambda: False)
     out = tmp_path / "bench.json"
     assert cli_main(["bench", "--only", "train,xla", "--output", str(out)]) == 0
     printed = capsys.readouterr().out

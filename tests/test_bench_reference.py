@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from ks_keras import bench, bench_reference
+from ks_keras.bench import runner as bench_runner
 from ks_keras.cli import main as cli_main
 from ks_keras.config import load_config
 
@@ -146,7 +147,7 @@ def test_a_forward_that_breaks_the_contract_is_named(fake_reference):
 
 
 def test_missing_directory_and_bad_entry_fail_before_any_measure(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "run_child", lambda *a, **k: pytest.fail("ran a measure"))
+    monkeypatch.setattr(bench_runner, "run_child", lambda *a, **k: pytest.fail("ran a measure"))
     missing = tmp_path / "nowhere"
     out = tmp_path / "bench.json"
     rc = cli_main(["bench", "--quick", "--reference-dir", str(missing), "--output", str(out)])
