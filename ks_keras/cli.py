@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="served version (default: the version of the local export)",
     )
     _add_config_args(p)
-    p.set_defaults(target="ks_keras.predict:run_predict")
+    p.set_defaults(target="ks_keras.commands.predict:run_predict")
 
     p = sub.add_parser("features", help="extract and cache features of the configured corpus")
     _add_config_args(p)
