@@ -4,6 +4,8 @@ Layout of the cache folder:
 
 ```
 metadata.json          extractor metadata per modality, dims, frame rates, completeness
+.lock                  held while a process extracts (a second one waits for it)
+speed-0.9/ …           speed-perturbed variants (`features.audio.speed_perturb`), same layout
 shard-00000.tfrecord   one tf.train.Example per utterance (id, shard, audio, text, lengths)
 shard-00000.json       the shard's index: [id, source key, audio frames, text tokens] per row,
                        plus the shard file's size and SHA-256
@@ -56,6 +58,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,7 @@ logger = logging.getLogger(__name__)
 # 2: source keys hash the audio content; shard indexes record the shard's size and SHA-256.
 FORMAT_VERSION = 2
 METADATA_FILE = "metadata.json"
+LOCK_FILE = ".lock"
 SHARD_GLOB = "shard-*.tfrecord"
 MODALITIES = ("audio", "text")
 # Transcripts remembered across shards so repeated sentences are encoded once.
@@ -555,8 +559,6 @@ def extract_corpus(
         ValueError: bad settings; empty transcripts (before any work); audio files that cannot
             be used (all of them listed, after the other utterances were extracted).
     """
-    from tqdm.auto import tqdm
-
     if cfg.features.shard_size < 1:
         raise ValueError(f"features.shard_size: expected >= 1, got {cfg.features.shard_size}")
     if extractors is None:
@@ -574,6 +576,63 @@ def extract_corpus(
         metadata["extractors"]["audio"] = {**metadata["extractors"]["audio"], "speed": speed}
         cache_dir = cache_dir / f"speed-{speed:g}"
     metadata["corpus"] = f"{corpus.name} ({corpus.source or 'no manifest'})"
+    with _exclusive(cache_dir):
+        cache, bad_audio = _extract_into(
+            cfg, corpus, cache_dir, metadata, extractors, progress, on_shard_done, speed
+        )
+    if progress:
+        print(run_summary(cache))
+    if bad_audio:
+        _raise_bad_audio(bad_audio, cache_dir)
+    if speed == 1.0 and "audio" in extractors:
+        cache.variants = [
+            extract_corpus(cfg, corpus, progress=progress, extractors=extractors, speed=factor)
+            for factor in cfg.features.audio.speed_perturb
+        ]
+    return cache
+
+
+@contextmanager
+def _exclusive(cache_dir: Path):
+    """Hold `cache_dir/.lock` while extracting: a second process extracting into the same
+    folder (two runs sharing a cache) waits here instead of deleting the first one's
+    temporary files. Advisory (`fcntl.flock`); a no-op where `fcntl` does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"features: another process is extracting into {cache_dir}; waiting for it",
+                flush=True,
+            )
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _extract_into(
+    cfg: Config,
+    corpus: Corpus,
+    cache_dir: Path,
+    metadata: dict[str, Any],
+    extractors: dict[str, Any],
+    progress: bool,
+    on_shard_done: Callable[[int], None] | None,
+    speed: float,
+) -> tuple[FeatureCache, list[str]]:
+    """`extract_corpus`'s work in one folder (held exclusively): the opened cache and the
+    messages about unusable audio files."""
+    from tqdm.auto import tqdm
+
+    modalities = tuple(extractors)
     _prepare_dir(cache_dir, metadata)
     entries, damaged = _read_indexes(cache_dir, verify=True)
     for number, problem in damaged.items():
@@ -668,16 +727,7 @@ def extract_corpus(
         "audio_seconds": audio_seconds,
         "corpus_size": len(corpus),
     }
-    if progress:
-        print(run_summary(cache))
-    if bad_audio:
-        _raise_bad_audio(bad_audio, cache_dir)
-    if speed == 1.0 and "audio" in extractors:
-        cache.variants = [
-            extract_corpus(cfg, corpus, progress=progress, extractors=extractors, speed=factor)
-            for factor in cfg.features.audio.speed_perturb
-        ]
-    return cache
+    return cache, bad_audio
 
 
 def _load_wave(path: str, audio_cfg, speed: float) -> np.ndarray:

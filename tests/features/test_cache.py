@@ -75,7 +75,7 @@ def test_extract_then_reuse(tmp_path, corpus, fake_text, capsys, f32_close):
     assert ex["text"].count == 6  # "the cat sat" appears twice: encoded once
     assert "extracted 7 utterance(s)" in capsys.readouterr().out
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert files == ["metadata.json"] + [
+    assert files == [".lock", "metadata.json"] + [
         f"shard-0000{i}.{e}" for i in range(3) for e in ("json", "tfrecord")
     ]
     meta = json.loads((tmp_path / "cache" / "metadata.json").read_text())
@@ -444,3 +444,31 @@ def test_cache_of_an_older_format_says_how_to_rebuild(tmp_path, corpus, fake_tex
         cache = extract_corpus(cfg, corpus, progress=False, extractors=ex)
     assert "written by another ks_keras version (cache format 1" in caplog.text
     assert ex["audio"].count == 7 and cache.complete
+
+
+def test_second_process_waits_for_the_first(tmp_path, corpus, fake_text, capsys):
+    """Two runs extracting into one folder: the second waits on `.lock` instead of deleting
+    the first one's temporary files (which crashed it)."""
+    import fcntl
+    import threading
+
+    cfg = make_cfg(tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    holder = open(tmp_path / "cache" / ".lock", "a")  # noqa: SIM115 (released below)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    done = {}
+    worker = threading.Thread(
+        target=lambda: done.update(
+            cache=extract_corpus(cfg, corpus, extractors=extractors(cfg, fake_text))
+        )
+    )
+    worker.start()
+    worker.join(timeout=2.0)
+    try:
+        assert worker.is_alive() and "cache" not in done  # waits while the lock is held
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+    worker.join(timeout=300)
+    assert done["cache"].complete and len(done["cache"]) == 7
+    assert "another process is extracting into" in capsys.readouterr().out
