@@ -1,0 +1,353 @@
+"""Cross-validation: one model (or ensemble) per fold and repeat, reusing finished members."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ks_keras.baseline import describe, functionals, opensmile_available, run_baseline
+from ks_keras.config import Config
+from ks_keras.corpora.manifest import Corpus
+from ks_keras.ensemble import member_seed
+from ks_keras.evaluation.attention import attention_examples, fold_normalizer
+from ks_keras.evaluation.results import CVResult, FoldResult
+from ks_keras.folds import Fold, make_folds, rotate_validation
+from ks_keras.metrics import compute_metrics
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def baseline_normalization(cfg: Config) -> str:
+    """The normalisation the baseline gets: `eval.baseline.normalize`, where `auto` means the
+    model's own `features.audio.normalize` (a fair comparison)."""
+    mode = cfg.eval.baseline.normalize
+    return cfg.features.audio.normalize if mode == "auto" else mode
+
+
+def _baseline_row(corpus, folds, features, seed, classifier, normalize, feature_set) -> dict:
+    rows = run_baseline(
+        corpus, folds, features, seed=seed, classifier=classifier, normalize=normalize
+    )
+    n = len(corpus.labels)
+    truth = np.concatenate([r["y_true"] for r in rows])
+    pred = np.concatenate([r["y_pred"] for r in rows])
+    pooled = compute_metrics(truth, pred, n)
+    per_fold = {r["fold"]: compute_metrics(r["y_true"], r["y_pred"], n) for r in rows}
+    return {
+        "method": describe(feature_set, classifier, normalize) + ", C chosen on training speakers",
+        "normalize": normalize,
+        "wa": pooled["wa"],
+        "ua": pooled["ua"],
+        "macro_f1": pooled["macro_f1"],
+        "folds": {k: {m: v[m] for m in ("wa", "ua", "macro_f1")} for k, v in per_fold.items()},
+        "predictions": {r["fold"]: np.asarray(r["y_pred"]).tolist() for r in rows},
+        "C": {r["fold"]: r["C"] for r in rows},
+    }
+
+
+def baseline_metrics(
+    corpus: Corpus,
+    folds: list[Fold],
+    cache_dir: str | Path,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    feature_set: str = "egemaps",
+    classifier: str = "linear_svm",
+    normalize: str = "none",
+    unnormalized_row: bool = False,
+) -> dict:
+    """The classical baseline on the same folds; `{"skipped": reason}` without opensmile.
+
+    Returns the row with the requested normalisation (the fair one when `normalize` is the
+    model's) with pooled `wa`/`ua`/`macro_f1`, per-fold metrics and predictions; with
+    `unnormalized_row` and a normalised main row, also `"unnormalized"`: the same without the
+    per-speaker step.
+    """
+    if not opensmile_available():
+        return {
+            "skipped": "opensmile is not installed (pip install -e '.[baseline]')",
+            "method": describe(feature_set, classifier, normalize),
+        }
+    features = functionals(corpus, cache_dir, feature_set, progress=progress)
+    out = _baseline_row(corpus, folds, features, seed, classifier, normalize, feature_set)
+    if unnormalized_row and normalize == "speaker":
+        out["unnormalized"] = _baseline_row(
+            corpus, folds, features, seed, classifier, "none", feature_set
+        )
+    return out
+
+
+def cross_validate(
+    cfg: Config,
+    corpus: Corpus,
+    cache,
+    run_dir: str | Path,
+    *,
+    protocol: str | None = None,
+    repeats: int | None = None,
+    max_folds: int | None = None,
+    verbose: int | str = "auto",
+    log=print,
+    functionals: dict | None = None,
+) -> CVResult:
+    """Train and test one model per fold and repeat.
+
+    Args:
+        cfg: full config; `eval` gives folds/protocol/repeats unless overridden here.
+        corpus: the utterances (labels in `corpus.labels` order = class ids).
+        cache: the feature cache (`ks_keras.features.cache.FeatureCache`).
+        run_dir: per-fold training folders go to `run_dir/runs/`.
+        protocol: "honest" (default from config) or "paper".
+        repeats: number of seeds (`train.seed + r`).
+        max_folds: only the first N folds.
+        verbose: Keras progress-bar verbosity for `fit`.
+        log: where one-line progress messages go.
+        functionals: `{id: [D]}` openSMILE functionals for the model's `functionals` input
+            (`ks_keras.features.functionals.model_functionals`); built here when None and the
+            config asks for them.
+
+    Returns:
+        A `CVResult` (pass it to `write_report`).
+    """
+    protocol = protocol or cfg.eval.protocol
+    repeats = repeats or cfg.eval.repeats
+    eval_cfg = replace(cfg.eval, protocol=protocol, repeats=repeats)
+    cfg = replace(cfg, eval=eval_cfg)
+    if len(corpus.labels) != cfg.model.num_classes:
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes}, but the corpus has "
+            f"{len(corpus.labels)} classes {corpus.labels}"
+        )
+    folds = make_folds(corpus, eval_cfg, seed=cfg.train.seed, max_folds=max_folds)
+    if functionals is None and cfg.features.functionals != "none":
+        from ks_keras.features.functionals import model_functionals
+
+        functionals = model_functionals(cfg, corpus, progress=False)
+    run_dir = Path(run_dir)
+    label_of = dict(zip(corpus.ids, corpus.label_ids().tolist(), strict=True))
+    speaker_of = corpus.speaker_of()
+    results = []
+    total = repeats * len(folds)
+    for r in range(repeats):
+        seed = cfg.train.seed + r
+        for fold in folds:
+            done = len(results)
+            log(
+                f"[{done + 1}/{total}] repeat {r + 1}/{repeats}, fold {fold.name}: "
+                f"train {len(fold.train_ids)} ({', '.join(fold.train_speakers)}), "
+                f"val {len(fold.val_ids)} ({', '.join(fold.val_speakers) or 'test fold'}), "
+                f"test {len(fold.test_ids)}"
+            )
+            started = time.perf_counter()
+            members = []
+            for j in range(cfg.train.ensemble):
+                member_fold = (
+                    rotate_validation(corpus, fold, j)
+                    if cfg.train.ensemble_val == "rotate"
+                    else fold
+                )
+                normalizer = fold_normalizer(cfg, cache, corpus, member_fold)
+                fold_cfg = replace(cfg, train=replace(cfg.train, seed=member_seed(seed, j)))
+                tag = f"repeat{r}_fold{fold.index}" + (f"_member{j}" if j else "")
+                if cfg.train.ensemble > 1:
+                    log(
+                        f"    member {j + 1}/{cfg.train.ensemble} (seed {fold_cfg.train.seed}, "
+                        f"val {', '.join(member_fold.val_speakers) or 'test fold'})"
+                    )
+                members.append(
+                    _fit_fold_member(
+                        fold_cfg,
+                        cache,
+                        member_fold,
+                        label_of,
+                        speaker_of,
+                        normalizer,
+                        protocol,
+                        run_dir / "runs" / tag,
+                        verbose,
+                        functionals,
+                    )
+                )
+            result = members[0][0]
+            probs = np.mean([p for _, p in members], axis=0)
+            y_true = np.array([label_of[i] for i in fold.test_ids])
+            y_pred = np.argmax(probs, axis=-1)
+            metrics = compute_metrics(y_true, y_pred, cfg.model.num_classes)
+            seconds = time.perf_counter() - started
+            best_values = [m[0].best_value for m in members if m[0].best_value is not None]
+            val_note = f"val UA {np.mean(best_values):.3f}" if best_values else "no finite val UA"
+            log(
+                f"    best epoch {None if result.best_epoch is None else result.best_epoch + 1}"
+                f" ({val_note}); test WA {metrics['wa']:.3f} "
+                f"UA {metrics['ua']:.3f} F1 {metrics['macro_f1']:.3f} [{seconds:.0f}s"
+                + (
+                    ", finished training reused"
+                    if all(m[0].epochs_run == 0 for m in members)
+                    else ""
+                )
+                + "]"
+            )
+            results.append(
+                FoldResult(
+                    r,
+                    seed,
+                    fold,
+                    y_true,
+                    y_pred,
+                    metrics,
+                    result.best_epoch,
+                    result.history,
+                    seconds,
+                    best_values,
+                    probs,
+                )
+            )
+            last_model = result.model
+    cv = CVResult(cfg, list(corpus.labels), corpus.name, protocol, folds, results, repeats)
+    try:
+        cv.attention = attention_examples(
+            last_model,
+            cache,
+            folds[-1].test_ids[:3],
+            cfg,
+            normalizer=fold_normalizer(cfg, cache, corpus, folds[-1]),
+            speaker_of=speaker_of,
+            functionals=functionals,
+        )
+    except Exception as e:  # a plot must never sink a finished evaluation
+        log(f"    (attention plot skipped: {e})")
+    return cv
+
+
+def _fit_fold_member(
+    fold_cfg: Config,
+    cache,
+    fold: Fold,
+    label_of: dict[str, int],
+    speaker_of: dict[str, str],
+    normalizer,
+    protocol: str,
+    run_dir: Path,
+    verbose,
+    functionals=None,
+):
+    """Train one model on a fold; returns `(FitResult, test probabilities [n_test, C])`."""
+    from ks_keras.data import bucketing, length_order, make_dataset, restore_order
+    from ks_keras.model import build_model
+    from ks_keras.training import balanced_class_weights, fit, write_json_atomic
+
+    seed = fold_cfg.train.seed
+    # Length-bucketed batches for training and prediction alike (test and validation
+    # batches come sorted by length; the test predictions are put back in fold order).
+    bucket = bucketing(fold_cfg)
+
+    def dataset(ids, shuffle):
+        return make_dataset(
+            cache,
+            ids,
+            [label_of[i] for i in ids],
+            fold_cfg.data,
+            batch_size=fold_cfg.train.batch_size,
+            shuffle=shuffle,
+            bucket_by_length=bucket,
+            seed=seed,
+            modalities=fold_cfg.model.modalities,
+            normalizer=normalizer,
+            speaker_of=speaker_of,
+            num_classes=fold_cfg.model.num_classes,
+            functionals=functionals,
+        )
+
+    train_ds = dataset(fold.train_ids, True)
+    test_ds = dataset(fold.test_ids, False)
+    val_ds = dataset(fold.val_ids, False) if protocol == "honest" else test_ds
+    class_weight = None
+    if fold_cfg.data.class_weights:
+        class_weight = balanced_class_weights(
+            [label_of[i] for i in fold.train_ids], fold_cfg.model.num_classes
+        )
+    identity = _member_identity(fold_cfg, fold, protocol)
+    result = finished_member(fold_cfg, run_dir, identity)
+    if result is None:
+        result = fit(
+            lambda: build_model(fold_cfg),
+            train_ds,
+            val_ds,
+            fold_cfg,
+            run_dir,
+            class_weight=class_weight,
+            monitor="val_ua",
+            verbose=verbose,
+        )
+        write_json_atomic(Path(run_dir) / FINISHED_FILE, identity)
+    logits = np.asarray(result.model.predict(test_ds, verbose=0), np.float64)
+    if bucket:
+        order = length_order(cache, fold.test_ids, fold_cfg.data, fold_cfg.model.modalities)
+        logits = restore_order(logits, order)
+    logits -= logits.max(axis=-1, keepdims=True)
+    probs = np.exp(logits)
+    return result, probs / probs.sum(axis=-1, keepdims=True)
+
+
+# A member's run folder gets this record once its training has finished; a re-run of the same
+# evaluation (same report folder) reuses the finished member instead of training it again, so
+# a killed multi-hour cross-validation loses at most the member that was training (which
+# itself resumes from its backup).
+FINISHED_FILE = "finished.json"
+
+
+def _member_identity(fold_cfg: Config, fold: Fold, protocol: str) -> dict:
+    """What a finished member was trained on: config, protocol and the fold's utterances."""
+    import hashlib
+
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+    return {
+        "config": digest(fold_cfg.to_dict()),
+        "protocol": protocol,
+        "train_ids": digest(sorted(fold.train_ids)),
+        "val_ids": digest(sorted(fold.val_ids)),
+        "test_ids": digest(sorted(fold.test_ids)),
+    }
+
+
+def finished_member(fold_cfg: Config, run_dir: str | Path, identity: dict):
+    """The `FitResult` of a member that already finished in `run_dir`, or None.
+
+    Reused only when its `finished.json` matches `identity` (same config, same train,
+    validation and test utterances) and its best weights, best epoch and history are there.
+    """
+    from ks_keras.model import build_model
+    from ks_keras.training import BEST_WEIGHTS, FitResult, history_columns
+
+    run_dir = Path(run_dir)
+    try:
+        record = json.loads((run_dir / FINISHED_FILE).read_text())
+        best = json.loads((run_dir / "best.json").read_text())
+        epochs = json.loads((run_dir / "history.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record != identity or not (run_dir / BEST_WEIGHTS).is_file():
+        return None
+    model = build_model(fold_cfg)
+    try:
+        model.load_weights(run_dir / BEST_WEIGHTS)
+    except Exception:  # torn or foreign weights: train again
+        return None
+    return FitResult(
+        model=model,
+        history=history_columns(epochs),
+        best_epoch=best.get("epoch"),
+        best_value=best.get("value"),
+        monitor=best.get("monitor", "val_ua"),
+        run_dir=run_dir,
+        initial_epoch=len(epochs),
+        epochs_run=0,
+    )
