@@ -25,26 +25,20 @@ TEXT_DIM = 6
 
 
 def tiny_config(**train):
-    from ks_keras.config import config_from_dict
+    """The suite's tiny config (tests/_tiny.py) at this file's widths, for 2-epoch runs."""
+    from _tiny import tiny_config as shared_tiny_config
 
-    return config_from_dict(
-        {
-            "model": {
-                "audio_dim": AUDIO_DIM,
-                "text_dim": TEXT_DIM,
-                "audio_d_model": 16,
-                "text_d_model": 16,
-                "num_heads": 2,
-                "audio_ffn_dim": 16,
-                "text_ffn_dim": 16,
-                "n_fem": 1,
-                "n_ccab": 1,
-                "n_dfm": 1,
-                "head_units": [8],
-                "num_classes": N_CLASSES,
-            },
-            "train": {"epochs": 2, "batch_size": 8, "schedule": "constant", "lr": 3e-3, **train},
-        }
+    return shared_tiny_config(
+        model={
+            "audio_dim": AUDIO_DIM,
+            "text_dim": TEXT_DIM,
+            "audio_d_model": 16,
+            "text_d_model": 16,
+            "head_units": [8],
+            "num_classes": N_CLASSES,
+        },
+        features={"audio": {"n_mels": AUDIO_DIM}},
+        train={"epochs": 2, "batch_size": 8, "schedule": "constant", "lr": 3e-3, **train},
     )
 
 

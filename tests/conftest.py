@@ -1,8 +1,13 @@
 """Shared test set-up: quiet TF, and no mixed-precision policy leaking between tests."""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Test modules are imported with --import-mode=importlib (tests/ is not on sys.path); the
+# shared helper modules (`_tiny`) are imported by name, so this folder goes on the path.
+sys.path.append(str(Path(__file__).parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,3 +48,15 @@ def assert_f32_close(actual, desired, *, scale=None, ulps=16.0, err_msg=""):
 def f32_close():
     """`assert_f32_close` as a fixture (tests are imported without a package)."""
     return assert_f32_close
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny model config every test builds on (tests/_tiny.py)
+
+
+@pytest.fixture
+def tiny_config():
+    """`_tiny.tiny_config`: the suite's one tiny config, with overrides merged in."""
+    from _tiny import tiny_config as build
+
+    return build

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import tensorflow as tf
+from _tiny import tiny_config
 
 from ks_keras.config import DataConfig, config_from_dict
 from ks_keras.corpora.manifest import Corpus, Utterance
@@ -273,25 +274,15 @@ def test_all_padding_sample_rejected_with_its_id(tmp_path):
     assert len(as_numpy(make_dataset(cache, ok, corpus.label_ids(ok), DATA, 8))) == 1
 
 
-TINY_MODEL = {
-    "audio_dim": 8,
-    "text_dim": 8,
-    "num_heads": 2,
-    "audio_ffn_dim": 16,
-    "text_ffn_dim": 16,
-    "n_fem": 1,
-    "n_ccab": 1,
-    "n_dfm": 1,
-    "head_units": [8],
-    "num_classes": 3,
-}
+# The suite's tiny config (tests/_tiny.py) on this file's 8-band features.
+TINY = {"model": {"audio_dim": 8, "head_units": [8]}, "features": {"audio": {"n_mels": 8}}}
 
 
 def test_feeds_the_model(built):
     from ks_keras.model import build_model
 
     corpus, cache = built
-    cfg = config_from_dict({"model": TINY_MODEL})
+    cfg = tiny_config(TINY)
     model = build_model(cfg)
     ds = make_dataset(cache, corpus.ids, corpus.label_ids(), DATA, 4, shuffle=True, seed=0)
     assert ds.cardinality().numpy() == 3  # known, so Keras sees the epoch length
@@ -389,7 +380,7 @@ def test_bucketed_prediction_keeps_the_order_and_the_values_of_padded_batches(bu
     from ks_keras.model import build_model
 
     corpus, cache = built
-    cfg = config_from_dict({"model": TINY_MODEL})
+    cfg = tiny_config(TINY)
     assert padding_invariant(cfg.model) and bucketing(cfg)
     model = build_model(cfg)
     ids = corpus.ids[::-1]  # not the cache's order

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from _tiny import tiny_config_dict
 
 from ks_keras.cli import main
 from ks_keras.config import config_from_dict
@@ -44,18 +45,13 @@ def _corpus(tmp_path, speakers=("s1", "s2", "s3", "s4"), per_class=3):
 
 
 def _cfg(tmp_path, manifest, *extra):
+    # The suite's tiny config (tests/_tiny.py), audio only, 2 classes.
+    base = tiny_config_dict(
+        model={"modalities": ["audio"], "audio_ffn_dim": 8, "head_units": [8], "num_classes": 2}
+    )
     return config_from_dict(
-        {},
+        base,
         [
-            "model.modalities=[audio]",
-            "model.audio_dim=16",
-            "model.num_heads=2",
-            "model.audio_ffn_dim=8",
-            "model.n_fem=1",
-            "model.n_dfm=1",
-            "model.head_units=[8]",
-            "model.num_classes=2",
-            "features.audio.n_mels=16",
             f"features.cache_dir={tmp_path / 'cache'}",
             "data.corpus=manifest",
             f"data.manifest={manifest}",

@@ -12,10 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _tiny import tiny_config as shared_tiny_config  # noqa: E402
 
 from ks_keras import cli  # noqa: E402
 from ks_keras import export as ex  # noqa: E402
-from ks_keras.config import config_from_dict, save_config  # noqa: E402
+from ks_keras.config import save_config  # noqa: E402
 from ks_keras.features.logmel import LogMelExtractor  # noqa: E402
 from ks_keras.model import build_model  # noqa: E402
 
@@ -23,28 +24,15 @@ LABELS = ["angry", "happy", "sad"]
 AUDIO_MAX, TEXT_MAX = 24, 6
 
 
+# The suite's tiny config (tests/_tiny.py) without dropout, at this file's lengths.
+EXPORT_BASE = {
+    "model": {"dropout": 0.0, "head_dropout": 0.0},
+    "data": {"audio_max_len": AUDIO_MAX, "text_max_len": TEXT_MAX, "labels": LABELS},
+}
+
+
 def tiny_config(**sections):
-    data = {
-        "model": {
-            "audio_dim": 16,
-            "text_dim": 8,
-            "num_heads": 2,
-            "audio_ffn_dim": 16,
-            "text_ffn_dim": 16,
-            "n_fem": 1,
-            "n_ccab": 1,
-            "n_dfm": 1,
-            "head_units": [16],
-            "num_classes": 3,
-            "dropout": 0.0,
-            "head_dropout": 0.0,
-        },
-        "features": {"audio": {"type": "logmel", "n_mels": 16}},
-        "data": {"audio_max_len": AUDIO_MAX, "text_max_len": TEXT_MAX, "labels": LABELS},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return config_from_dict(data)
+    return shared_tiny_config(EXPORT_BASE, **sections)
 
 
 def feature_metadata(cfg):

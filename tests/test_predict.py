@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import soundfile as sf  # noqa: E402
+from _tiny import tiny_config as shared_tiny_config  # noqa: E402
 
 from ks_keras import cli  # noqa: E402
 from ks_keras import export as ex  # noqa: E402
@@ -28,25 +29,11 @@ AUDIO_MAX, TEXT_MAX = 30, 8
 
 
 def tiny_config(modalities=("audio",), **audio):
-    return config_from_dict(
-        {
-            "model": {
-                "modalities": list(modalities),
-                "audio_dim": 16,
-                "text_dim": 384,  # MiniLM, projected to 16 below
-                "text_d_model": 16,
-                "num_heads": 2,
-                "audio_ffn_dim": 16,
-                "text_ffn_dim": 16,
-                "n_fem": 1,
-                "n_ccab": 1,
-                "n_dfm": 1,
-                "head_units": [16],
-                "num_classes": 3,
-            },
-            "features": {"audio": {"type": "logmel", "n_mels": 16, **audio}},
-            "data": {"audio_max_len": AUDIO_MAX, "text_max_len": TEXT_MAX, "labels": LABELS},
-        }
+    """The suite's tiny config (tests/_tiny.py) with MiniLM text (384-d, projected to 16)."""
+    return shared_tiny_config(
+        model={"modalities": list(modalities), "text_dim": 384, "text_d_model": 16},
+        features={"audio": audio},
+        data={"audio_max_len": AUDIO_MAX, "text_max_len": TEXT_MAX, "labels": LABELS},
     )
 
 

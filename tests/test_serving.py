@@ -21,11 +21,11 @@ import grpc  # noqa: E402
 import keras  # noqa: E402
 import soundfile as sf  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _tiny import tiny_config  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
 from ks_keras import cli, serving  # noqa: E402
 from ks_keras import export as ex  # noqa: E402
-from ks_keras.config import config_from_dict  # noqa: E402
 from ks_keras.features import get_audio_extractor, get_text_extractor  # noqa: E402
 from ks_keras.model import build_model  # noqa: E402
 from ks_keras.predict import Predictor, RequestFeaturizer  # noqa: E402
@@ -40,17 +40,10 @@ _PATH_RE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+
 def served(tmp_path_factory):
     """A multimodal export (log-mel + MiniLM features), its loaded SavedModel and wav files."""
     root = tmp_path_factory.mktemp("serving")
-    cfg = config_from_dict(
-        {
-            "model": {
-                "audio_dim": 16, "text_dim": 384, "text_d_model": 16, "num_heads": 2,
-                "audio_ffn_dim": 16, "text_ffn_dim": 16, "n_fem": 1, "n_ccab": 1, "n_dfm": 1,
-                "head_units": [16], "num_classes": 4,
-            },
-            "features": {"audio": {"type": "logmel", "n_mels": 16}},
-            "data": {"audio_max_len": 30, "text_max_len": 8, "labels": LABELS},
-        }
-    )  # fmt: skip
+    cfg = tiny_config(  # the suite's tiny config (tests/_tiny.py), MiniLM text, 4 classes
+        model={"text_dim": 384, "text_d_model": 16, "num_classes": 4},
+        data={"audio_max_len": 30, "text_max_len": 8, "labels": LABELS},
+    )
     keras.utils.set_random_seed(5)
     model = build_model(cfg)
     meta = {
@@ -506,20 +499,11 @@ def test_labels_txt_that_disagrees_with_the_metadata_is_refused(served, tmp_path
 def served_functionals(served, tmp_path_factory):
     """An audio + eGeMAPS export (per-speaker normalisation), loaded, with a local predictor."""
     root = tmp_path_factory.mktemp("serving_functionals")
-    cfg = config_from_dict(
-        {
-            "model": {
-                "modalities": ["audio"], "audio_dim": 16, "num_heads": 2, "audio_ffn_dim": 16,
-                "n_fem": 1, "n_ccab": 1, "n_dfm": 1, "head_units": [16], "num_classes": 4,
-                "functionals_dim": 88,
-            },
-            "features": {
-                "audio": {"type": "logmel", "n_mels": 16, "normalize": "speaker"},
-                "functionals": "egemaps",
-            },
-            "data": {"audio_max_len": 30, "labels": LABELS},
-        }
-    )  # fmt: skip
+    cfg = tiny_config(
+        model={"modalities": ["audio"], "num_classes": 4, "functionals_dim": 88},
+        features={"audio": {"normalize": "speaker"}, "functionals": "egemaps"},
+        data={"audio_max_len": 30, "labels": LABELS},
+    )
     keras.utils.set_random_seed(6)
     model = build_model(cfg)
     meta = {"audio": get_audio_extractor(cfg.features.audio).metadata}

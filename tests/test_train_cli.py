@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
+from _tiny import tiny_config_dict
 
 from ks_keras.cli import main
 from ks_keras.corpora.manifest import Corpus, Utterance
@@ -44,23 +45,14 @@ def _write_corpus(folder, speakers=("f1", "m1", "f2"), labels=("calm", "loud"), 
 
 
 def _config(tmp_path, manifest, **train):
-    cfg = {
-        "model": {
-            "modalities": ["audio"],
-            "audio_dim": 16,
-            "num_heads": 2,
-            "audio_ffn_dim": 16,
-            "n_fem": 1,
-            "n_ccab": 0,
-            "n_dfm": 1,
-            "head_units": [8],
-            "num_classes": 2,
-        },
-        "features": {"audio": {"n_mels": 16}, "cache_dir": str(tmp_path / "cache")},
-        "data": {"corpus": "manifest", "manifest": str(manifest), "audio_max_len": 40},
-        "train": {"epochs": 2, "batch_size": 4, "lr": 3e-3, "schedule": "constant", **train},
-        "eval": {"val_speakers": 1},
-    }
+    """The suite's tiny config (tests/_tiny.py), audio only, 2 classes, as a YAML file."""
+    cfg = tiny_config_dict(
+        model={"modalities": ["audio"], "n_ccab": 0, "head_units": [8], "num_classes": 2},
+        features={"cache_dir": str(tmp_path / "cache")},
+        data={"corpus": "manifest", "manifest": str(manifest), "audio_max_len": 40},
+        train={"epochs": 2, "batch_size": 4, "lr": 3e-3, "schedule": "constant", **train},
+        eval={"val_speakers": 1},
+    )
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -16,10 +16,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras_tuner as kt  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import yaml  # noqa: E402
+from _tiny import tiny_config as shared_tiny_config  # noqa: E402
 
 from ks_keras import tuning  # noqa: E402
 from ks_keras.cli import main  # noqa: E402
-from ks_keras.config import config_from_dict, load_config  # noqa: E402
+from ks_keras.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["angry", "happy", "sad"]
@@ -50,35 +51,29 @@ TINY_SPACE = {
 
 
 def tiny_config(**train):
-    # No FEM/DFM and no CCAB at the default point: tracing attention layers dominates the
-    # run time of these 1-epoch trials on 2 shared cores.
-    return config_from_dict(
-        {
-            "model": {
-                "audio_dim": AUDIO_DIM,
-                "text_dim": TEXT_DIM,
-                "audio_d_model": 16,
-                "text_d_model": 16,
-                "num_heads": 2,
-                "audio_ffn_dim": 16,
-                "text_ffn_dim": 16,
-                "n_fem": 0,
-                "n_ccab": 0,
-                "n_dfm": 0,
-                "head_units": [8],
-                "num_classes": 3,
-            },
-            "features": {"audio": {"n_mels": AUDIO_DIM}},
-            "data": {"labels": LABELS, "audio_max_len": TA, "text_max_len": TT},
-            "train": {
-                "epochs": 1,
-                "batch_size": 8,
-                "schedule": "constant",
-                "lr": 3e-3,
-                "strategy": "default",
-                **train,
-            },
-        }
+    # The suite's tiny config (tests/_tiny.py) without FEM/DFM and CCAB at the default point:
+    # tracing attention layers dominates the run time of these 1-epoch trials on 2 shared cores.
+    return shared_tiny_config(
+        model={
+            "audio_dim": AUDIO_DIM,
+            "text_dim": TEXT_DIM,
+            "audio_d_model": 16,
+            "text_d_model": 16,
+            "n_fem": 0,
+            "n_ccab": 0,
+            "n_dfm": 0,
+            "head_units": [8],
+        },
+        features={"audio": {"n_mels": AUDIO_DIM}},
+        data={"labels": LABELS, "audio_max_len": TA, "text_max_len": TT},
+        train={
+            "epochs": 1,
+            "batch_size": 8,
+            "schedule": "constant",
+            "lr": 3e-3,
+            "strategy": "default",
+            **train,
+        },
     )
 
 
