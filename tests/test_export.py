@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,6 +201,45 @@ def test_verification_catches_a_different_model(exported):
     other = build_model(cfg)
     with pytest.raises(ValueError, match="differs from the Keras model"):
         ex.verify_export(path, other, batch_sizes=(1,), check_cli=False)
+
+
+def test_verify_module_reloads_the_export_and_saves_every_output(exported, tmp_path, capsys):
+    # The program `verify_export` runs in a fresh process (`python -m ks_keras.export.verify`),
+    # here in-process.
+    from ks_keras.export import verify
+
+    _, model, _, path = exported
+    inputs = random_inputs(np.random.default_rng(5), 2)
+    in_path, out_path = str(tmp_path / "in.npz"), str(tmp_path / "out.npz")
+    np.savez(in_path, **{f"0/{k}": v for k, v in inputs.items()})
+    (tmp_path / "in.npz.json").write_text(
+        json.dumps([{"signature": "serving_default", "inputs": sorted(inputs)}])
+    )
+    assert verify.main([str(path), in_path, out_path]) == 0
+    assert "signatures: ['serving_default', 'serving_waveform']" in capsys.readouterr().out
+    out = dict(np.load(out_path))
+    assert sorted(out) == ["0/class_id", "0/probabilities"]
+    np.testing.assert_allclose(out["0/probabilities"], keras_probs(model, inputs), atol=1e-5)
+    np.testing.assert_array_equal(out["0/class_id"], out["0/probabilities"].argmax(-1))
+
+
+def test_verification_reloads_with_this_checkout_from_another_folder(
+    exported, tmp_path, monkeypatch
+):
+    # A relative PYTHONPATH means another folder once the working directory changes: the
+    # fresh process still imports the ks_keras of this process.
+    import ks_keras
+    from ks_keras.export import verification
+
+    _, model, _, path = exported
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", ".")
+    env = verification._reload_env(dict(os.environ))
+    root = Path(ks_keras.__file__).resolve().parent.parent
+    paths = env["PYTHONPATH"].split(os.pathsep)
+    assert paths == [str(root), "."] or paths == ["."]  # unchanged if in site-packages
+    report = ex.verify_export(path, model, batch_sizes=(1,), check_cli=False)
+    assert [c["case"] for c in report.cases] == ["default", "cropped", "padded", "waveform"]
 
 
 def test_cli_listing_check_fails_on_missing_signature(exported):
