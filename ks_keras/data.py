@@ -49,24 +49,10 @@ import tensorflow as tf
 
 from ks_keras.config import DataConfig
 from ks_keras.features.cache import FeatureCache
+from ks_keras.sequences import normalize_np, normalize_tf, pad_or_crop, pad_or_crop_tf
 
 MODALITIES = ("audio", "text")
 STD_FLOOR = 1e-5
-
-
-def pad_or_crop(x: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Crop or zero-pad `[T, D]` at the end to `[max_len, D]`; mask `[max_len]` int32."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"pad_or_crop: expected a [T, D] array, got shape {x.shape}")
-    if max_len < 1:
-        raise ValueError(f"pad_or_crop: max_len must be >= 1, got {max_len}")
-    n = min(x.shape[0], max_len)
-    out = np.zeros((max_len, x.shape[1]), np.float32)
-    out[:n] = x[:n]
-    mask = np.zeros((max_len,), np.int32)
-    mask[:n] = 1
-    return out, mask
 
 
 def class_weights(labels, n_classes: int) -> np.ndarray:
@@ -266,8 +252,7 @@ def load_arrays(
         for m in modalities:
             x, mask = pad_or_crop(arrays[m], max_len[m])
             if normalizer is not None and normalizer.modality == m:
-                mean, std = normalizer.stats_for(utt_id, speaker_of)
-                x = (x - mean) / std * mask[:, None]
+                x = normalize_np(x, mask, *normalizer.stats_for(utt_id, speaker_of))
             out[m][k], out[f"{m}_mask"][k] = x, mask
     if functionals is not None:
         out["functionals"] = functional_rows(functionals, utt_ids)
@@ -598,13 +583,10 @@ def _streaming(
     def to_element(record):
         inputs = {"id": record["id"]}
         for m in modalities:
-            x = record[m][: max_len[m]]
-            n = tf.shape(x)[0]
-            mask = tf.sequence_mask(n, max_len[m], dtype=tf.int32)
-            x = tf.pad(x, [[0, max_len[m] - n], [0, 0]])
+            x, mask = pad_or_crop_tf(record[m], max_len[m])
             if normalizer is not None and normalizer.modality == m:
                 row = norm_table.lookup(record["id"])
-                x = (x - norm_mean[row]) / norm_std[row] * tf.cast(mask, tf.float32)[:, None]
+                x = normalize_tf(x, mask, norm_mean[row], norm_std[row])
             inputs[m] = tf.ensure_shape(x, [max_len[m], cache.dims[m]])
             inputs[f"{m}_mask"] = mask
         if row_of is not None:

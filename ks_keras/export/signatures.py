@@ -11,6 +11,7 @@ from ks_keras.export.metadata import (
     metadata_config,
     metadata_functionals,
 )
+from ks_keras.sequences import fit_length, normalize_tf
 
 
 def feature_input_specs(metadata: dict) -> dict:
@@ -69,37 +70,6 @@ def waveform_signature_problem(cfg: Config) -> str | None:
             "speaker's utterances and cannot be part of the graph"
         )
     return None
-
-
-def fit_length(x, mask, max_len: int, crop_to_longest: bool = False):
-    """Crop at the end / zero-pad at the end to `max_len` steps and zero masked steps (tf ops).
-
-    This is the training pipeline's `pad_or_crop` for a whole batch inside the graph. With
-    `crop_to_longest` (for models whose output ignores trailing padding, see
-    `ks_keras.config.padding_invariant`) the batch is then cut after its last real step instead
-    of being padded to `max_len`: the same result for less work (a single short request no
-    longer pays for `max_len` steps).
-    """
-    import tensorflow as tf
-
-    mask = tf.cast(tf.not_equal(mask, 0), tf.int32)
-    x = x[:, :max_len]
-    mask = mask[:, :max_len]
-    target = max_len
-    if crop_to_longest:
-        # One past the last real step of any row (at least 1 step, so shapes stay valid).
-        steps = tf.range(1, tf.shape(mask)[1] + 1, dtype=tf.int32)
-        target = tf.maximum(tf.reduce_max(mask * steps[None, :]), 1)
-        x = x[:, :target]
-        mask = mask[:, :target]
-    pad = tf.maximum(target - tf.shape(mask)[1], 0)
-    x = tf.pad(x, [[0, 0], [0, pad], [0, 0]])
-    mask = tf.pad(mask, [[0, 0], [0, pad]])
-    x = x * tf.cast(mask, x.dtype)[:, :, None]
-    length = None if crop_to_longest else max_len
-    x = tf.ensure_shape(x, [None, length, x.shape[-1]])
-    mask = tf.ensure_shape(mask, [None, length])
-    return x, mask
 
 
 def _check_batch(inputs: dict, modalities: list[str]):
@@ -183,8 +153,7 @@ def make_serving_functions(model, metadata: dict, audio_config=None) -> dict:
         if norm is not None and norm["mode"] == "global":
             # Training-set statistics, applied to real steps only (as data.py does).
             m = norm["modality"]
-            valid = tf.cast(fixed[f"{m}_mask"], tf.float32)[:, :, None]
-            fixed[m] = (fixed[m] - norm_mean) / norm_std * valid
+            fixed[m] = normalize_tf(fixed[m], fixed[f"{m}_mask"], norm_mean, norm_std)
         logits = model(fixed, training=False)
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         return {

@@ -31,6 +31,7 @@ from ks_keras.export.metadata import (
     metadata_functionals,
 )
 from ks_keras.export.signatures import _logmel_graph_fn
+from ks_keras.sequences import fit_length_np, normalize_np
 
 # The program that reloads the export in the fresh process (not imported here).
 VERIFY_MODULE = "ks_keras.export.verify"
@@ -91,9 +92,7 @@ def normalize_numpy(fixed: dict[str, np.ndarray], metadata: dict) -> dict[str, n
     if norm is None or norm["mode"] != "global" or norm["modality"] not in fixed:
         return fixed
     m = norm["modality"]
-    mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
-    valid = fixed[f"{m}_mask"][:, :, None].astype(np.float32)
-    return {**fixed, m: ((fixed[m] - mean) / std * valid).astype(np.float32)}
+    return {**fixed, m: normalize_np(fixed[m], fixed[f"{m}_mask"], norm["mean"], norm["std"])}
 
 
 def _reference_probabilities(model, inputs: dict) -> np.ndarray:
@@ -280,14 +279,9 @@ def _fit_numpy(inputs: dict, metadata: dict) -> dict:
         if mod not in inputs:
             continue
         max_len = metadata["inputs"][mod]["max_len"]
-        x, mask = inputs[mod], (np.asarray(inputs[f"{mod}_mask"]) != 0).astype("int32")
-        b, t, d = x.shape
-        out_x = np.zeros((b, max_len, d), "float32")
-        out_m = np.zeros((b, max_len), "int32")
-        keep = min(t, max_len)
-        out_x[:, :keep], out_m[:, :keep] = x[:, :keep], mask[:, :keep]
-        out_x *= out_m[:, :, None]
-        fixed[mod], fixed[f"{mod}_mask"] = out_x, out_m
+        fixed[mod], fixed[f"{mod}_mask"] = fit_length_np(
+            inputs[mod], inputs[f"{mod}_mask"], max_len
+        )
     return fixed
 
 

@@ -155,8 +155,8 @@ class KeySparseAttention(keras.layers.MultiHeadAttention):
 
         Stock MultiHeadAttention projects with `EinsumDense`, and Keras' TensorFlow backend
         computes its einsum as a batched matmul broadcast over the batch, whose kernel
-        gradient is one small matmul per sample plus a sum: for the 20-token text branch at
-        batch 32 that is 36 vs 15 ms per projection (forward + backward). Here the inputs
+        gradient is one small matmul per sample plus a sum (measured in docs/performance.md,
+        "plain projection matmuls"). Here the inputs
         are flattened to `[B*T, D]` and the kernels read as `[D, N*H]` (`[N*H, D]` for the
         output): the same weights and results, one matmul each way. This route is taken
         when nothing else is asked for (an explicit `attention_mask` or none; no Keras masks,

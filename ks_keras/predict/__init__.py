@@ -7,7 +7,7 @@ with the training config whose `data.labels` names the classes in output order).
 
 Raw inputs become model inputs exactly as in training: `load_audio` (mono, resampled to the
 extractor's rate, with a note when the file had another rate), the extractors named by the
-model's config, crop/pad at the end to the trained max lengths (`data.pad_or_crop`). Before
+model's config, crop/pad at the end to the trained max lengths (`sequences.pad_or_crop`). Before
 any extraction the request's extractors are compared with the fingerprints stored in the
 model: a different model folder, layer, log-mel setting, … is an error, not a silent wrong
 number.

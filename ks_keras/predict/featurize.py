@@ -404,7 +404,7 @@ class RequestFeaturizer:
 
     def batch(self, features: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
         """Crop/pad each item at the end to the trained length and stack (training's rule)."""
-        from ks_keras.data import pad_or_crop
+        from ks_keras.sequences import pad_or_crop
 
         inputs = {}
         for mod, items in features.items():

@@ -134,8 +134,7 @@ class FusedAdam(keras.optimizers.Adam):
 
     Keras' Adam updates each variable with about a dozen element-wise ops, each a pass over
     the variable and its two moments; TensorFlow's `ResourceApplyAdam` kernel does it in one.
-    At paper size (85 M parameters) that is 250 -> 73 ms per training step on 2 CPU cores
-    (docs/performance.md). The update rule is the same (Keras' Adam is the kernel's
+    Measured effect: docs/performance.md ("fused Adam"). The update rule is the same (Keras' Adam is the kernel's
     "epsilon hat" form), and so are the options, the optimizer variables and the saved
     state: a checkpoint written with either loads into the other. AMSGrad, sparse gradients
     (`IndexedSlices`) and non-float32 variables take Keras' own update.
