@@ -7,12 +7,20 @@ with 16 bands, 3 classes), built from overrides merged section by section:
 Nested mappings merge (`features={"audio": {"normalize": "speaker"}}` keeps `n_mels`); any
 other value (lists included) replaces. Tests get it as the `tiny_config` fixture
 (conftest.py) or import it (`from _tiny import tiny_config`), e.g. in helper scripts.
+
+Model tests (no features, no corpus) use `model_overrides(MODEL_TESTS, n_ccab=0)`: the same
+model section as `a.b=value` overrides, which also apply on top of a shipped preset
+(`load_config("configs/official_code.yaml", model_overrides(...))`), and `random_batch` for
+inputs with masks.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
+
+import numpy as np
 
 TINY: dict[str, Any] = {
     "model": {
@@ -55,3 +63,38 @@ def tiny_config(*bases: dict[str, Any], **sections: Any):
     from ks_keras.config import config_from_dict
 
     return config_from_dict(tiny_config_dict(*bases, **sections))
+
+
+# The model tests' variant: text wider than audio (24 vs 16), FFN 8, head 8, no dropout.
+MODEL_TESTS: dict[str, Any] = {
+    "model": {
+        "audio_dim": 16,
+        "text_dim": 24,
+        "audio_ffn_dim": 8,
+        "text_ffn_dim": 8,
+        "head_units": [8],
+        "dropout": 0.0,
+    }
+}
+
+
+def model_overrides(*bases: dict[str, Any], **model: Any) -> list[str]:
+    """The model section of `tiny_config_dict(*bases, model=model)` as `model.key=value`
+    overrides (for `config_from_dict({}, ...)` / `load_config(path, ...)`)."""
+    section = tiny_config_dict(*bases, model=model)["model"]
+    return [f"model.{key}={json.dumps(value)}" for key, value in section.items()]
+
+
+def random_batch(b, ta, tt, *, da=16, dt=24, lengths=None, seed=0) -> dict[str, np.ndarray]:
+    """Random `audio [b, ta, da]` / `text [b, tt, dt]` inputs with int32 masks; `lengths`
+    `(audio lengths, text lengths)`, drawn in [1, T] when None."""
+    rng = np.random.default_rng(seed)
+    if lengths is None:
+        lengths = (rng.integers(1, ta + 1, size=b), rng.integers(1, tt + 1, size=b))
+    a_len, t_len = (np.asarray(n) for n in lengths)
+    return {
+        "audio": rng.normal(size=(b, ta, da)).astype("float32"),
+        "audio_mask": (np.arange(ta)[None] < a_len[:, None]).astype("int32"),
+        "text": rng.normal(size=(b, tt, dt)).astype("float32"),
+        "text_mask": (np.arange(tt)[None] < t_len[:, None]).astype("int32"),
+    }

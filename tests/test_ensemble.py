@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from _tiny import MODEL_TESTS, model_overrides, random_batch
 
 from ks_keras.config import config_from_dict
 from ks_keras.ensemble import (
@@ -15,19 +16,7 @@ from ks_keras.ensemble import (
 from ks_keras.model import build_model
 
 DA, DT = 16, 24
-SMALL = [
-    f"model.audio_dim={DA}",
-    f"model.text_dim={DT}",
-    "model.num_heads=2",
-    "model.audio_ffn_dim=8",
-    "model.text_ffn_dim=8",
-    "model.n_fem=1",
-    "model.n_ccab=0",
-    "model.n_dfm=0",
-    "model.head_units=[8]",
-    "model.num_classes=3",
-    "model.dropout=0.0",
-]
+SMALL = model_overrides(MODEL_TESTS, n_ccab=0, n_dfm=0)  # tests/_tiny.py
 
 
 def small_config(*extra):
@@ -52,14 +41,7 @@ def members(n, *extra):
 
 
 def batch(b=4, ta=9, tt=5, seed=0):
-    rng = np.random.default_rng(seed)
-    a_len, t_len = rng.integers(1, ta + 1, size=b), rng.integers(1, tt + 1, size=b)
-    return {
-        "audio": rng.normal(size=(b, ta, DA)).astype("float32"),
-        "audio_mask": (np.arange(ta)[None] < a_len[:, None]).astype("int32"),
-        "text": rng.normal(size=(b, tt, DT)).astype("float32"),
-        "text_mask": (np.arange(tt)[None] < t_len[:, None]).astype("int32"),
-    }
+    return random_batch(b, ta, tt, da=DA, dt=DT, seed=seed)
 
 
 def softmax(z):

@@ -3,23 +3,13 @@
 import keras
 import numpy as np
 import pytest
+from _tiny import MODEL_TESTS, model_overrides, random_batch
 
 from ks_keras.config import Config, ModelConfig, config_from_dict, load_config, padding_invariant
 from ks_keras.model import build_model, count_trainable_params
 
 DA, DT = 16, 24
-SMALL = [
-    f"model.audio_dim={DA}",
-    f"model.text_dim={DT}",
-    "model.num_heads=2",
-    "model.audio_ffn_dim=8",
-    "model.text_ffn_dim=8",
-    "model.n_fem=1",
-    "model.n_dfm=1",
-    "model.head_units=[8]",
-    "model.num_classes=3",
-    "model.dropout=0.0",
-]
+SMALL = model_overrides(MODEL_TESTS, n_ccab=3)  # tests/_tiny.py
 
 
 def small_config(*extra):
@@ -27,14 +17,7 @@ def small_config(*extra):
 
 
 def batch(b=3, ta=12, tt=5, seed=0, lengths=None):
-    rng = np.random.default_rng(seed)
-    a_len, t_len = lengths or (rng.integers(1, ta + 1, size=b), rng.integers(1, tt + 1, size=b))
-    return {
-        "audio": rng.normal(size=(b, ta, DA)).astype("float32"),
-        "audio_mask": (np.arange(ta)[None] < np.asarray(a_len)[:, None]).astype("int32"),
-        "text": rng.normal(size=(b, tt, DT)).astype("float32"),
-        "text_mask": (np.arange(tt)[None] < np.asarray(t_len)[:, None]).astype("int32"),
-    }
+    return random_batch(b, ta, tt, da=DA, dt=DT, lengths=lengths, seed=seed)
 
 
 @pytest.mark.parametrize("n_ccab", [0, 1, 2, 3])

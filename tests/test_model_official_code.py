@@ -3,25 +3,14 @@
 import keras
 import numpy as np
 import pytest
+from _tiny import MODEL_TESTS, model_overrides, random_batch
 
 from ks_keras.config import config_from_dict, load_config, padding_invariant
 from ks_keras.layers import TransformerLayer
 from ks_keras.model import build_model, count_trainable_params
 
 DA, DT = 16, 24
-SMALL = [
-    f"model.audio_dim={DA}",
-    f"model.text_dim={DT}",
-    "model.num_heads=2",
-    "model.audio_ffn_dim=8",
-    "model.text_ffn_dim=8",
-    "model.n_fem=3",
-    "model.n_ccab=2",
-    "model.n_dfm=2",
-    "model.head_units=[8]",
-    "model.num_classes=4",
-    "model.dropout=0.0",
-]
+SMALL = model_overrides(MODEL_TESTS, n_fem=3, n_ccab=2, n_dfm=2, num_classes=4)  # tests/_tiny.py
 WIDTH = {"audio": DA, "text": DT}
 OTHER = {"audio": "text", "text": "audio"}
 
@@ -33,14 +22,7 @@ def small_config(*extra, path=None):
 
 
 def batch(b=3, ta=12, tt=5, seed=0, lengths=([12, 7, 3], [5, 2, 4])):
-    rng = np.random.default_rng(seed)
-    a_len, t_len = lengths
-    return {
-        "audio": rng.normal(size=(b, ta, DA)).astype("float32"),
-        "audio_mask": (np.arange(ta)[None] < np.asarray(a_len)[:, None]).astype("int32"),
-        "text": rng.normal(size=(b, tt, DT)).astype("float32"),
-        "text_mask": (np.arange(tt)[None] < np.asarray(t_len)[:, None]).astype("int32"),
-    }
+    return random_batch(b, ta, tt, da=DA, dt=DT, lengths=lengths, seed=seed)
 
 
 def transformer_layers(model):

@@ -3,26 +3,14 @@
 import keras
 import numpy as np
 import pytest
+from _tiny import MODEL_TESTS, model_overrides, random_batch
 
 from ks_keras.config import config_from_dict, padding_invariant
 from ks_keras.layers import FeatureAugment, UtteranceFunctionals
 from ks_keras.model import build_model
 
 DA, DT = 16, 24
-SMALL = [
-    f"model.audio_dim={DA}",
-    f"model.text_dim={DT}",
-    "model.num_heads=2",
-    "model.audio_ffn_dim=8",
-    "model.text_ffn_dim=8",
-    "model.n_fem=1",
-    "model.n_ccab=0",  # no MIM: keeps the tests fast; the options do not touch it
-    "model.n_dfm=0",
-    "model.head_units=[8]",
-    "model.num_classes=3",
-    "model.dropout=0.0",
-    "model.head_dropout=0.0",
-]
+SMALL = model_overrides(MODEL_TESTS, n_ccab=0, n_dfm=0, head_dropout=0.0)  # tests/_tiny.py
 FUNCTIONALS = "model.audio_functionals=[mean, std, p10, p50, p90, delta_abs_mean]"
 AUGMENT = [
     "model.augment.time_masks=2",
@@ -38,14 +26,7 @@ def small_config(*extra):
 
 
 def batch(b=3, ta=20, tt=5, seed=0, lengths=([20, 11, 6], [5, 2, 4])):
-    rng = np.random.default_rng(seed)
-    a_len, t_len = lengths
-    return {
-        "audio": rng.normal(size=(b, ta, DA)).astype("float32"),
-        "audio_mask": (np.arange(ta)[None] < np.asarray(a_len)[:, None]).astype("int32"),
-        "text": rng.normal(size=(b, tt, DT)).astype("float32"),
-        "text_mask": (np.arange(tt)[None] < np.asarray(t_len)[:, None]).astype("int32"),
-    }
+    return random_batch(b, ta, tt, da=DA, dt=DT, lengths=lengths, seed=seed)
 
 
 def test_default_model_has_neither_option():
