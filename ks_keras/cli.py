@@ -1,7 +1,8 @@
 """The `ks-keras` command line: one entry point, one subcommand per job.
 
-Parsers are declared here (cheap); each command's work lives in its module and is imported
-only when that command runs, so `ks-keras --help` does not pay for importing TensorFlow.
+Parsers are declared here (cheap); each command's glue lives in `ks_keras.commands.<name>`
+and is imported only when that command runs, so `ks-keras --help` does not pay for importing
+TensorFlow.
 
 Output is quiet by default: TensorFlow's C++ start-up lines (oneDNN notices, "Could not find
 cuda drivers", the `E0000 … cuInit … CUDA error` of a CPU-only machine) and the Hugging Face
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, devices, distribution strategy, parameter count")
     _add_config_args(p)
-    p.set_defaults(target="ks_keras.info:run_info")
+    p.set_defaults(target="ks_keras.commands.info:run_info")
 
     p = sub.add_parser("export", help="export a trained .keras model as a TF Serving SavedModel")
     p.add_argument("--model", required=True, help="trained model file (run/best.keras)")
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the fresh-process parity check and saved_model_cli listing",
     )
-    p.set_defaults(target="ks_keras.export:run_export")
+    p.set_defaults(target="ks_keras.commands.export:run_export")
 
     p = sub.add_parser("predict", help="emotion of an audio file + transcript (or a manifest)")
     p.add_argument("audio", nargs="?", help="audio file (WAV/FLAC/OGG; resampled if needed)")
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="extract and cache features of the configured corpus")
     _add_config_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(target="ks_keras.features.cache:run_features")
+    p.set_defaults(target="ks_keras.commands.features:run_features")
 
     p = sub.add_parser("prepare", help="write a manifest CSV for a corpus you bring")
     prep = p.add_subparsers(dest="corpus", metavar="<corpus>", required=True)
@@ -148,12 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep every agreed label (excited not merged) instead of 4 classes",
     )
-    q.set_defaults(target="ks_keras.corpora.iemocap:run_prepare_iemocap")
+    q.set_defaults(target="ks_keras.commands.prepare:run_prepare_iemocap")
 
     p = sub.add_parser("evaluate", help="cross-validated training + test with a report folder")
     _add_config_args(p)
     _add_evaluate_arguments(p)
-    p.set_defaults(target="ks_keras.evaluation:run_evaluate")
+    p.set_defaults(target="ks_keras.commands.evaluate:run_evaluate")
 
     p = sub.add_parser("demo", help="offline EmoDB demo: features, LOSO training, report")
     _add_config_args(p)
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", help="report folder (default reports/emodb_demo)")
     p.add_argument("--no-baseline", action="store_true", help="skip the eGeMAPS + SVM baseline")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(target="ks_keras.demo:run_demo")
+    p.set_defaults(target="ks_keras.commands.demo:run_demo")
 
     p = sub.add_parser(
         "tune",
@@ -211,10 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-verify", action="store_true", help="skip the export's fresh-process parity check"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(target="ks_keras.tuning:run_tune")
+    p.set_defaults(target="ks_keras.commands.tune:run_tune")
 
-    from ks_keras.bench import add_bench_args  # no TensorFlow import
     from ks_keras.bench_reference import REFERENCE_HELP
+    from ks_keras.commands.bench import add_bench_args  # no TensorFlow import
 
     p = sub.add_parser(
         "bench",
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     add_bench_args(p, config_args=False)
-    p.set_defaults(target="ks_keras.bench:run_bench")
+    p.set_defaults(target="ks_keras.commands.bench:run_bench")
 
     p = sub.add_parser("train", help="train one model; best epoch on held-out validation speakers")
     _add_config_args(p)
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "re-run with the same folder to resume a killed run",
     )
     p.add_argument("--no-progress", action="store_true", help="no feature-extraction progress bar")
-    p.set_defaults(target="ks_keras.train_cli:run_train")
+    p.set_defaults(target="ks_keras.commands.train:run_train")
 
     _add_verbose_args(parser)
     return parser

@@ -12,7 +12,7 @@ Same as `ks-keras bench`; see `python scripts/benchmark.py --help` and docs/perf
 
 import sys
 
-from ks_keras.bench import main
+from ks_keras.commands.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -49,7 +49,9 @@ ks-keras bench --reference-dir ~/src/Key-Sparse-Transformer   # side by side, sa
 """
 
 # The package (issue 15) was the module ks_keras/bench.py: every name it defined is
-# re-exported here, so `from ks_keras.bench import X` and `ks_keras.bench.X` work as before.
+# re-exported here, so `from ks_keras.bench import X` and `ks_keras.bench.X` work as before,
+# except the command line (`add_bench_args`, `run_bench`, `main`), now
+# `ks_keras.commands.bench`.
 # Patch a name where it is looked up (its submodule), not here.
 
 from __future__ import annotations
@@ -67,11 +69,6 @@ from ks_keras.bench.child import (
     synthetic_batch,
     utterance_seconds,
 )
-from ks_keras.bench.cli import (
-    add_bench_args,
-    main,
-    run_bench,
-)
 from ks_keras.bench.measures import (
     _in_memory_dataset,
     _measure_attention,
@@ -79,6 +76,7 @@ from ks_keras.bench.measures import (
     _measure_model,
     _measure_pipeline,
     _synthetic_cache,
+    child_entry,
     child_main,
 )
 from ks_keras.bench.plan import (
@@ -168,17 +166,15 @@ __all__ = [
     "_synthetic_cache",
     "_timed",
     "_versions",
-    "add_bench_args",
     "check_reference",
+    "child_entry",
     "child_main",
     "cpu_info",
     "describe_cpu",
     "format_table",
-    "main",
     "plan_measures",
     "realistic_lengths",
     "resolve_settings",
-    "run_bench",
     "run_benchmark",
     "run_child",
     "summarize",

@@ -22,7 +22,8 @@ from ks_keras.bench.child import (
     synthetic_batch,
 )
 from ks_keras.bench.profiling import _measure_profile
-from ks_keras.bench.settings import MIN_LENGTH_FRACTION
+from ks_keras.bench.runner import _json_default
+from ks_keras.bench.settings import MIN_LENGTH_FRACTION, RESULT_PREFIX
 from ks_keras.config import padding_invariant
 
 
@@ -344,3 +345,19 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
 
     result["devices"] = [d.device_type for d in tf.config.list_physical_devices()]
     return result
+
+
+def child_entry(spec_json: str) -> int:
+    """`python -m ks_keras.bench --child SPEC`: run one measure in this process and print its
+    result as one `RESULT_PREFIX` JSON line (what `ks_keras.bench.runner.run_child` reads)."""
+    spec = json.loads(spec_json)
+    try:
+        result = child_main(spec)
+    except (bench_reference.ReferenceLoadError, FileNotFoundError) as e:
+        if spec.get("kind") != "reference":
+            raise
+        # Worded for the user (the reference contract): the parent shows it as is.
+        print(RESULT_PREFIX + json.dumps({"error": str(e), "reference_error": True}))
+        return 1
+    print(RESULT_PREFIX + json.dumps(result, default=_json_default), flush=True)
+    return 0

@@ -214,11 +214,3 @@ def load_iemocap(data_cfg: DataConfig) -> Corpus:
     return read_manifest(
         source, label_map=data_cfg.label_map, labels=data_cfg.labels, name="iemocap"
     )
-
-
-def run_prepare_iemocap(args) -> int:
-    """CLI: `ks-keras prepare iemocap --root DIR --out manifest.csv [--all-labels]`."""
-    corpus = prepare_iemocap(args.root, args.out, all_labels=args.all_labels)
-    counts = ", ".join(f"{k} {v}" for k, v in corpus.counts().items())
-    print(f"wrote {args.out}: {len(corpus)} utterances, {len(corpus.speakers)} speakers ({counts})")
-    return 0

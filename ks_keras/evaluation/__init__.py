@@ -17,12 +17,12 @@ config.yaml             the resolved config
 ```
 """
 
-# The package re-exports every name of the former `ks_keras/evaluation.py`; the code lives in:
-# results.py (results and summary statistics), running.py (cross-validation, baseline, finished
-# members), attention.py (attention maps), reports.py (report folder, plots), end_to_end.py
-# (`evaluate_corpus`, `ks-keras evaluate`).
+# The package re-exports every name of the former `ks_keras/evaluation.py` (but `run_evaluate`,
+# now `ks_keras.commands.evaluate`); the code lives in: results.py (results and summary
+# statistics), running.py (cross-validation, baseline, finished members), attention.py
+# (attention maps), reports.py (report folder, plots), end_to_end.py (`evaluate_corpus`).
 from ks_keras.evaluation.attention import attention_examples, fold_normalizer
-from ks_keras.evaluation.end_to_end import evaluate_corpus, run_evaluate
+from ks_keras.evaluation.end_to_end import evaluate_corpus
 from ks_keras.evaluation.reports import _baseline_line as _baseline_line
 from ks_keras.evaluation.reports import _fmt as _fmt
 from ks_keras.evaluation.reports import _git_commit as _git_commit
@@ -73,7 +73,6 @@ __all__ = [
     "plot_confusion",
     "plot_curves",
     "results_table",
-    "run_evaluate",
     "summarize",
     "write_report",
 ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ks_keras.baseline import describe
 from ks_keras.config import Config
-from ks_keras.evaluation.reports import results_table, write_report
+from ks_keras.evaluation.reports import write_report
 from ks_keras.evaluation.results import CVResult
 from ks_keras.evaluation.running import baseline_metrics, baseline_normalization, cross_validate
 from ks_keras.folds import make_folds
@@ -83,25 +83,3 @@ def evaluate_corpus(
     cv.baseline = base
     path = write_report(cv, report_dir)
     return cv, path
-
-
-def run_evaluate(args) -> int:
-    from ks_keras.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    name = Path(args.config).stem if args.config else "default"
-    report_dir = Path(args.report_dir or Path(cfg.eval.report_dir) / name)
-    cv, path = evaluate_corpus(
-        cfg,
-        report_dir,
-        protocol=args.protocol,
-        repeats=args.repeats,
-        max_folds=args.max_folds,
-        baseline=not args.no_baseline,
-        progress=not args.no_progress,
-        verbose=0 if args.no_progress else "auto",
-    )
-    print()
-    print(results_table(cv))
-    print(f"\nreport: {path}")
-    return 0

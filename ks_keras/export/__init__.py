@@ -54,13 +54,12 @@ The package's modules, in import order (each imports only those before it):
 `metadata` (format constants, `build_metadata`), `sidecar` (`.keras` sidecar and loading),
 `layout` (TF Serving version folders), `signatures` (serving functions), `verification`
 (`verify_export`, which reloads the export with `python -m ks_keras.export.verify`),
-`exporting` (`export_model`), `loading` (`load_exported`) and `cli` (`ks-keras export`).
-Everything is importable from `ks_keras.export`.
+`exporting` (`export_model`) and `loading` (`load_exported`). Everything is importable from
+`ks_keras.export`; the `ks-keras export` command is `ks_keras.commands.export`.
 """
 
 from __future__ import annotations
 
-from ks_keras.export.cli import config_feature_metadata, run_export
 from ks_keras.export.exporting import export_model
 from ks_keras.export.layout import (
     list_versions,
@@ -81,6 +80,7 @@ from ks_keras.export.metadata import (
     SIDECAR_SUFFIX,
     WAVEFORM_SIGNATURE,
     build_metadata,
+    config_feature_metadata,
     functionals_metadata,
     metadata_config,
     metadata_functionals,
@@ -145,7 +145,6 @@ __all__ = [
     "normalize_numpy",
     "read_model_sidecar",
     "resolve_export_dir",
-    "run_export",
     "sidecar_path",
     "tf_error_summary",
     "verify_export",

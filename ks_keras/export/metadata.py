@@ -175,6 +175,15 @@ def metadata_functionals(metadata: dict) -> dict | None:
     return spec
 
 
+def config_feature_metadata(cfg: Config) -> dict[str, dict]:
+    """`{modality: extractor.metadata}` of the extractors `cfg.features` names (no weights load;
+    Hugging Face folders are fingerprinted)."""
+    from ks_keras.features import get_audio_extractor, get_text_extractor
+
+    getters = {"audio": get_audio_extractor, "text": get_text_extractor}
+    return {mod: getters[mod](getattr(cfg.features, mod)).metadata for mod in cfg.model.modalities}
+
+
 def build_metadata(
     cfg: Config, labels: list[str], feature_metadata: dict, norm_stats: Any = None
 ) -> dict[str, Any]:

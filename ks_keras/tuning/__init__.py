@@ -45,24 +45,24 @@ final = finish_search(result, data)          # retrain, test, export
 
 Modules (every name is importable from `ks_keras.tuning` itself): `space` (YAML → checked
 `SearchSpace`), `hypermodel` (`KSTHyperModel`), `tuners` (`make_tuner`), `search`
-(`run_search`, summary, resume), `finish` (`finish_search`: retrain, test, export) and `cli`
-(`prepare_fold_data`, `ks-keras tune`); each imports only the ones before it.
+(`run_search`, summary, resume), `finish` (`finish_search`: retrain, test, export) and
+`fold_data` (`prepare_fold_data`); each imports only the ones before it. The `ks-keras tune`
+command is `ks_keras.commands.tune`.
 """
 
 from __future__ import annotations
 
-from ks_keras.tuning.cli import (
-    default_project_dir,
-    prepare_fold_data,
-    run_tune,
-    select_fold,
-)
 from ks_keras.tuning.finish import (
     FinalResult,
     FoldData,
     _config_digest,
     _predict,
     finish_search,
+)
+from ks_keras.tuning.fold_data import (
+    default_project_dir,
+    prepare_fold_data,
+    select_fold,
 )
 from ks_keras.tuning.hypermodel import (
     KSTHyperModel,
@@ -150,7 +150,6 @@ __all__ = [
     "select_fold",
     "prepare_fold_data",
     "default_project_dir",
-    "run_tune",
     # Private helpers stay reachable as `ks_keras.tuning._name`, as before the split.
     "_HP_KEYS",
     "_SPACE_KEYS",

@@ -1,20 +1,20 @@
-"""Command line: the `bench` options, `ks-keras bench` and `python -m ks_keras.bench`
-(which also runs one measure in this process with `--child SPEC`)."""
+"""`ks-keras bench` and `python -m ks_keras.bench`: the `bench` options, the run and its table.
+
+`python -m ks_keras.bench --child SPEC` (one measure in this process, started by
+`ks_keras.bench.runner.run_child`) goes to the library's `ks_keras.bench.measures.child_entry`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from ks_keras import bench as bench_package
 from ks_keras import bench_reference
-from ks_keras.bench.measures import child_main
-from ks_keras.bench.runner import _json_default, run_benchmark
-from ks_keras.bench.settings import MEASURES, RESULT_PREFIX
+from ks_keras.bench.measures import child_entry
+from ks_keras.bench.runner import run_benchmark
+from ks_keras.bench.settings import MEASURES
 from ks_keras.bench.table import format_table
-
-# ---------------------------------------------------------------------------------------------
-# Command line
 
 
 def add_bench_args(p: argparse.ArgumentParser, config_args: bool = True) -> None:
@@ -112,20 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m ks_keras.bench`: the benchmark, or (`--child SPEC`) one measure."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
-        spec = json.loads(argv[1])
-        try:
-            result = child_main(spec)
-        except (bench_reference.ReferenceLoadError, FileNotFoundError) as e:
-            if spec.get("kind") != "reference":
-                raise
-            # Worded for the user (the reference contract): the parent shows it as is.
-            print(RESULT_PREFIX + json.dumps({"error": str(e), "reference_error": True}))
-            return 1
-        print(RESULT_PREFIX + json.dumps(result, default=_json_default), flush=True)
-        return 0
+        return child_entry(argv[1])
     parser = argparse.ArgumentParser(
         prog="python -m ks_keras.bench",
-        description=sys.modules[__package__].__doc__,  # the package's docstring
+        description=bench_package.__doc__,
         epilog=bench_reference.REFERENCE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""CLI: `ks-keras export` (`run_export`)."""
+"""`ks-keras export`: a trained `.keras` model (and its sidecar) → TF Serving SavedModel."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ks_keras.config import Config
 from ks_keras.export.exporting import export_model
-from ks_keras.export.metadata import METADATA_FILE, _read_json
+from ks_keras.export.metadata import METADATA_FILE, _read_json, config_feature_metadata
 from ks_keras.export.sidecar import (
     check_keras_archive,
     load_keras_model,
@@ -82,12 +82,3 @@ def run_export(args) -> int:
         else "not verified (--no-verify)"
     )
     return 0
-
-
-def config_feature_metadata(cfg: Config) -> dict[str, dict]:
-    """`{modality: extractor.metadata}` of the extractors `cfg.features` names (no weights load;
-    Hugging Face folders are fingerprinted)."""
-    from ks_keras.features import get_audio_extractor, get_text_extractor
-
-    getters = {"audio": get_audio_extractor, "text": get_text_extractor}
-    return {mod: getters[mod](getattr(cfg.features, mod)).metadata for mod in cfg.model.modalities}
