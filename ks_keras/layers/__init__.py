@@ -4,6 +4,7 @@ from ks_keras.layers.augment import FeatureAugment
 from ks_keras.layers.ccab import CCAB, ModalityInteraction
 from ks_keras.layers.encoder import TransformerLayer
 from ks_keras.layers.ensemble import MeanProbabilityLogits
+from ks_keras.layers.fast_attention import FastMultiHeadAttention
 from ks_keras.layers.functionals import UtteranceFunctionals
 from ks_keras.layers.key_sparse_attention import KeySparseAttention, num_kept_keys
 from ks_keras.layers.pooling import MaskedMeanPooling
@@ -11,6 +12,7 @@ from ks_keras.layers.positional import SinusoidalPositionalEncoding, sinusoid_ta
 
 __all__ = [
     "CCAB",
+    "FastMultiHeadAttention",
     "FeatureAugment",
     "KeySparseAttention",
     "MaskedMeanPooling",

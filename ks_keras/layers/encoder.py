@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from ks_keras.layers.dropout import FastDropout
+from ks_keras.layers.fast_attention import FastMultiHeadAttention
 from ks_keras.layers.key_sparse_attention import KeySparseAttention
 from ks_keras.layers.masks import check_sequence_mask, pair_mask
 from ks_keras.layers.positional import SinusoidalPositionalEncoding
@@ -205,28 +206,27 @@ class TransformerLayer(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="attention",
         )
+        # `call` always passes `pair_mask(...)`, an outer product of padding masks, so the
+        # fast layers may fold its key part into the scores matmul.
+        fast_kwargs = dict(
+            recompute_softmax=self.recompute_softmax, separable_mask=True, **attn_kwargs
+        )
         if self.key_sparse:
             self.attention = KeySparseAttention(
                 sparsity=self.sparsity,
                 k_from=self.k_from,
                 renormalize=self.renormalize,
                 query_mask_in_scores=self.query_mask_in_scores,
-                recompute_softmax=self.recompute_softmax,
-                **attn_kwargs,
+                **fast_kwargs,
             )
         elif self.dropout > 0.0:
             # Vanilla attention. With attention dropout, stock MultiHeadAttention takes its
-            # explicit path (masked softmax, dropout, weights x values), which our layer with
-            # sparsity 0 computes identically (same weights, same dropout mask) but with a
-            # leaner, hand-written backward pass: less memory and time (docs/performance.md).
-            self.attention = KeySparseAttention(
-                sparsity=0.0, recompute_softmax=self.recompute_softmax, **attn_kwargs
-            )
+            # explicit path (masked softmax, dropout, weights x values), which the fast layer
+            # computes identically (same weights) with a leaner, hand-written backward pass:
+            # less memory and time (docs/performance.md).
+            self.attention = FastMultiHeadAttention(**fast_kwargs)
         else:
             self.attention = keras.layers.MultiHeadAttention(**attn_kwargs)
-        if isinstance(self.attention, KeySparseAttention):
-            # `call` always passes `pair_mask(...)`, an outer product of padding masks.
-            self.attention._separable_mask = True
         kv_shape = tuple(context_shape) if context_shape is not None else tuple(input_shape)
         self.attention.build(tuple(input_shape), kv_shape, kv_shape)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ks_keras.layers import KeySparseAttention
+from ks_keras.layers import FastMultiHeadAttention, KeySparseAttention
 
 B, T, S, D, HEADS = 3, 7, 9, 16, 2
 
@@ -25,9 +25,10 @@ def _fused_and_autodiff(**kwargs):
     """Two layers with the same weights and dropout seed: fused and autodiff gradients."""
     layers = []
     for fused in (True, False):
-        layer = KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS, seed=7, **kwargs)
+        layer = KeySparseAttention(
+            num_heads=HEADS, key_dim=D // HEADS, seed=7, fused_gradient=fused, **kwargs
+        )
         layer.build((None, T, D), (None, S, D))
-        layer._fused_gradient = fused
         layers.append(layer)
     layers[1].set_weights(layers[0].get_weights())
     return layers
@@ -57,10 +58,12 @@ def test_fused_gradient_matches_autodiff(sparsity, qmask_in_scores, training, re
     # from TransformerLayer), so its key part is folded into the scores matmul.
     query, value, mask, loss_weights = _inputs(0)
     fused, auto = _fused_and_autodiff(
-        sparsity=sparsity, query_mask_in_scores=qmask_in_scores, dropout=0.3
+        sparsity=sparsity,
+        query_mask_in_scores=qmask_in_scores,
+        dropout=0.3,
+        recompute_softmax=recompute,
+        separable_mask=separable,
     )
-    fused.recompute_softmax = recompute
-    fused._separable_mask = separable
     out_f, grads_f = _run(fused, query, value, mask, loss_weights, training)
     out_a, grads_a = _run(auto, query, value, mask, loss_weights, training)
     np.testing.assert_allclose(out_f, out_a, atol=1e-6)
@@ -74,8 +77,7 @@ def test_fused_gradient_matches_autodiff(sparsity, qmask_in_scores, training, re
 @pytest.mark.parametrize("separable", [False, True])
 def test_fused_gradient_under_xla(separable):
     query, value, mask, loss_weights = _inputs(1)
-    fused, auto = _fused_and_autodiff(sparsity=0.5, dropout=0.0)
-    fused._separable_mask = separable
+    fused, auto = _fused_and_autodiff(sparsity=0.5, dropout=0.0, separable_mask=separable)
     out_x, grads_x = _run(fused, query, value, mask, loss_weights, True, jit=True)
     out_a, grads_a = _run(auto, query, value, mask, loss_weights, True)
     np.testing.assert_allclose(out_x, out_a, atol=1e-5)
@@ -88,8 +90,7 @@ def test_fused_gradient_under_xla(separable):
 def test_fused_gradient_under_mixed_precision(policy, separable):
     keras.config.set_dtype_policy(policy)
     query, value, mask, loss_weights = _inputs(2)
-    fused, auto = _fused_and_autodiff(sparsity=0.5, dropout=0.2)
-    fused._separable_mask = separable
+    fused, auto = _fused_and_autodiff(sparsity=0.5, dropout=0.2, separable_mask=separable)
     out_f, grads_f = _run(fused, query, value, mask, loss_weights, True)
     out_a, grads_a = _run(auto, query, value, mask, loss_weights, True)
     tol = 2e-2 if policy == "mixed_bfloat16" else 2e-3
@@ -99,20 +100,30 @@ def test_fused_gradient_under_mixed_precision(policy, separable):
         np.testing.assert_allclose(g_f, g_a, rtol=tol, atol=tol * (1 + np.abs(g_a).max()))
 
 
-def test_sparsity_zero_with_dropout_equals_stock_attention_and_its_gradient():
-    # Vanilla Transformer layers with attention dropout use KeySparseAttention(sparsity=0):
-    # same output, same gradients as stock MHA; with the exact (float uniform) dropout mask
-    # also the same mask for the same seed.
+@pytest.mark.parametrize("fast_layer", ["fast", "key_sparse_0"])
+@pytest.mark.parametrize("separable", [False, True])
+def test_fast_attention_with_dropout_equals_stock_attention_and_its_gradient(fast_layer, separable):
+    # Vanilla Transformer layers with attention dropout use FastMultiHeadAttention; it and
+    # KeySparseAttention(sparsity=0) give the same output and gradients as stock MHA; with the
+    # exact (float uniform) dropout mask also the same mask for the same seed.
     query, value, mask, loss_weights = _inputs(3)
     mask = tf.constant(mask.numpy()[:2])  # stock MHA spreads a key-less row uniformly
     query, value, loss_weights = query[:2], value[:2], loss_weights[:2]
-    ours = KeySparseAttention(
-        num_heads=HEADS, key_dim=D // HEADS, sparsity=0.0, dropout=0.25, seed=11
+    common = dict(
+        num_heads=HEADS,
+        key_dim=D // HEADS,
+        dropout=0.25,
+        seed=11,
+        exact_dropout_mask=True,
+        separable_mask=separable,
     )
+    if fast_layer == "fast":
+        ours = FastMultiHeadAttention(**common)
+    else:
+        ours = KeySparseAttention(sparsity=0.0, **common)
     stock = keras.layers.MultiHeadAttention(
         num_heads=HEADS, key_dim=D // HEADS, dropout=0.25, seed=11
     )
-    ours._exact_dropout_mask = True
     for layer in (ours, stock):
         layer.build((None, T, D), (None, S, D))
     stock.set_weights(ours.get_weights())
@@ -128,10 +139,14 @@ def test_vanilla_layer_with_dropout_uses_the_lean_attention():
 
     layer = TransformerLayer(num_heads=HEADS, ffn_dim=8, dropout=0.1)
     layer.build((None, T, D))
-    assert isinstance(layer.attention, KeySparseAttention) and layer.attention.sparsity == 0.0
+    assert type(layer.attention) is FastMultiHeadAttention
     # TransformerLayer passes an outer product of padding masks, and says so.
-    assert layer.attention._separable_mask
-    assert not KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS)._separable_mask
+    assert layer.attention.separable_mask
+    assert not KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS).separable_mask
+    assert not FastMultiHeadAttention(num_heads=HEADS, key_dim=D // HEADS).separable_mask
+    sparse = TransformerLayer(num_heads=HEADS, ffn_dim=8, dropout=0.1, key_sparse=True)
+    sparse.build((None, T, D))
+    assert type(sparse.attention) is KeySparseAttention and sparse.attention.separable_mask
     plain = TransformerLayer(num_heads=HEADS, ffn_dim=8, dropout=0.0)
     plain.build((None, T, D))
     assert type(plain.attention) is keras.layers.MultiHeadAttention
@@ -161,14 +176,20 @@ def test_fast_dropout_mask_drops_the_rate_and_scales_exactly(keys):
 
 def test_fast_and_exact_masks_give_the_same_expected_output():
     query, value, mask, _ = _inputs(4)
-    layer = KeySparseAttention(num_heads=HEADS, key_dim=D // HEADS, dropout=0.3, seed=2)
-    layer.build((None, T, D), (None, S, D))
-    expected = np.asarray(layer(query, value, attention_mask=mask, training=False))
+    weights = None
     n = 400
     for exact in (False, True):
-        layer._exact_dropout_mask = exact
+        layer = KeySparseAttention(
+            num_heads=HEADS, key_dim=D // HEADS, dropout=0.3, seed=2, exact_dropout_mask=exact
+        )
+        layer.build((None, T, D), (None, S, D))
+        if weights is None:
+            weights = layer.get_weights()
+        layer.set_weights(weights)
+        expected = np.asarray(layer(query, value, attention_mask=mask, training=False))
         run = tf.function(
-            lambda: layer(query, value, attention_mask=mask, training=True), autograph=False
+            lambda layer=layer: layer(query, value, attention_mask=mask, training=True),
+            autograph=False,
         )
         samples = np.stack([np.asarray(run()) for _ in range(n)])
         # Each element's sample mean lies within 5 standard errors of the expectation (a

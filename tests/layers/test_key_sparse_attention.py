@@ -365,3 +365,16 @@ def test_requests_the_plain_route_cannot_serve_take_the_stock_call():
     assert layer._plain_projections((x, x, x), (None, None, None), False)
     masked = keras.layers.Masking()(np.pad(x, ((0, 0), (0, 2), (0, 0))))
     assert not layer._plain_projections((masked, x, x), (None, None, None), False)
+
+
+def test_config_written_before_the_fast_base_still_loads():
+    # `.keras` files saved before FastMultiHeadAttention existed hold these keys only; the
+    # constructor arguments added with it take their defaults.
+    layer = KeySparseAttention(num_heads=2, key_dim=8, sparsity=0.3, k_from="padded")
+    config = layer.get_config()
+    for added in ("separable_mask", "fused_gradient", "exact_dropout_mask"):
+        config.pop(added)
+    restored = KeySparseAttention.from_config(config)
+    assert (restored.sparsity, restored.k_from, restored.recompute_softmax) == (0.3, "padded", True)
+    assert not restored.separable_mask and restored.fused_gradient
+    assert not restored.exact_dropout_mask

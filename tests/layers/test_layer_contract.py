@@ -6,6 +6,7 @@ import pytest
 
 from ks_keras.layers import (
     CCAB,
+    FastMultiHeadAttention,
     KeySparseAttention,
     MaskedMeanPooling,
     ModalityInteraction,
@@ -60,6 +61,10 @@ LAYERS = {
     ),
     "mim": lambda: ModalityInteraction(n_ccab=2, num_heads=2, ffn_dim=8, skip="official_code"),
     "ks_attention": lambda: KeySparseAttention(num_heads=2, key_dim=8, sparsity=0.5),
+    "vanilla_dropout": lambda: TransformerLayer(num_heads=2, ffn_dim=8, dropout=0.2),
+    "fast_attention": lambda: FastMultiHeadAttention(
+        num_heads=2, key_dim=8, dropout=0.2, separable_mask=True
+    ),
     "pooling": lambda: MaskedMeanPooling(),
 }
 NEEDS_CONTEXT = {"ks_cross", "ks_cross_official", "ccab", "ccab_official", "mim"}
@@ -70,7 +75,7 @@ def _apply(name, layer, x, xm, c, cm):
         return layer(x)
     if name == "pooling":
         return layer(x, padding_mask=xm)
-    if name == "ks_attention":
+    if name in ("ks_attention", "fast_attention"):
         pair = keras.ops.logical_and(
             keras.ops.cast(xm, "bool")[:, :, None], keras.ops.cast(cm, "bool")[:, None, :]
         )
