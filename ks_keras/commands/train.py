@@ -35,6 +35,7 @@ from ks_keras.train_cli import split_speakers
 def run_train(args) -> int:
     from ks_keras.config import load_config
     from ks_keras.corpora import load_corpus
+    from ks_keras.experiment import check_classes
     from ks_keras.features import check_model_dims
     from ks_keras.training import get_strategy
 
@@ -43,11 +44,7 @@ def run_train(args) -> int:
     # unavailable strategy must fail before minutes of feature extraction.
     strategy = get_strategy(cfg.train)
     corpus = load_corpus(cfg.data)
-    if len(corpus.labels) != cfg.model.num_classes:
-        raise ValueError(
-            f"model.num_classes={cfg.model.num_classes}, but the corpus has "
-            f"{len(corpus.labels)} classes {corpus.labels}; set model.num_classes or data.labels"
-        )
+    check_classes(cfg, corpus, hint="; set model.num_classes or data.labels")
     check_model_dims(cfg)
     train_speakers, val_speakers = split_speakers(
         corpus, max(1, cfg.eval.val_speakers), cfg.train.seed
@@ -70,53 +67,17 @@ def run_train(args) -> int:
 
 
 def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_speakers) -> int:
-    from ks_keras.data import (
-        bucketing,
-        compute_norm_stats,
-        length_order,
-        make_dataset,
-        restore_order,
-    )
     from ks_keras.ensemble import ensemble_model, member_seed
-    from ks_keras.export import write_model_sidecar
-    from ks_keras.features.cache import extract_corpus
-    from ks_keras.features.functionals import model_functionals
+    from ks_keras.experiment import Experiment
     from ks_keras.metrics import compute_metrics
     from ks_keras.model import build_model
-    from ks_keras.training import balanced_class_weights, fit, float32_copy, worker_role
+    from ks_keras.training import float32_copy, worker_role
 
-    cache = extract_corpus(cfg, corpus, progress=not args.no_progress)
-    functionals = model_functionals(cfg, corpus, progress=not args.no_progress)
-    speaker_of = corpus.speaker_of()
-    modalities = tuple(cfg.model.modalities)
-    mode = cfg.features.audio.normalize
-    normalizer = None
-    if "audio" in modalities and mode != "none":
-        # Global statistics from training speakers only; per-speaker statistics need every
-        # speaker that will be normalised (labels are never used).
-        norm_ids = train_ids if mode == "global" else train_ids + val_ids
-        normalizer = compute_norm_stats(cache, norm_ids, mode, speaker_of)
-
-    # Length-bucketed batches for training and validation alike (validation batches come
-    # sorted by length; its predictions are put back in the order of `val_ids`).
-    bucket = bucketing(cfg)
-
-    def dataset(ids, shuffle, seed=cfg.train.seed):
-        return make_dataset(
-            cache,
-            ids,
-            corpus.label_ids(ids),
-            cfg.data,
-            batch_size=cfg.train.batch_size,
-            shuffle=shuffle,
-            bucket_by_length=bucket,
-            seed=seed,
-            modalities=modalities,
-            normalizer=normalizer,
-            speaker_of=speaker_of,
-            num_classes=cfg.model.num_classes,
-            functionals=functionals,
-        )
+    # Global statistics from training speakers only; per-speaker statistics need every
+    # speaker that will be normalised (labels are never used).
+    exp = Experiment.prepare(cfg, corpus, progress=not args.no_progress)
+    exp = exp.with_normalizer(train_ids, val_ids)
+    speaker_of = exp.speaker_of
 
     def member_split(j):
         """Member j's (train ids, val ids): other validation speakers under `rotate`."""
@@ -128,11 +89,10 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
             [i for i in corpus.ids if speaker_of[i] in member_val],
         )
 
-    class_weight = None
-    if cfg.data.class_weights:
-        class_weight = balanced_class_weights(corpus.label_ids(train_ids), cfg.model.num_classes)
     run_dir = Path(args.run_dir or Path(cfg.train.output_dir) / "train")
-    val_ds = dataset(val_ids, False)
+    # Length-bucketed batches for training and validation alike (validation batches come
+    # sorted by length; `exp.predict` puts its predictions back in the order of `val_ids`).
+    val_ds = exp.dataset(val_ids, False)
     n_members = cfg.train.ensemble
     results = []
     for j in range(n_members):
@@ -147,14 +107,11 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
                 flush=True,
             )
         results.append(
-            fit(
-                lambda member_cfg=member_cfg: build_model(member_cfg),
-                dataset(member_train, True, seed=member_cfg.train.seed),
-                val_ds if j == 0 else dataset(member_val, False),
+            exp.fit(
                 member_cfg,
+                member_train,
+                val_ds if j == 0 else exp.dataset(member_val, False),
                 run_dir if j == 0 else run_dir / f"member_{j + 1}",
-                class_weight=class_weight,
-                monitor="val_ua",
                 strategy=strategy,
             )
         )
@@ -176,24 +133,13 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     # Under `rotate`, members 2.. trained on member 1's validation speakers: score member 1
     # alone there, so the validation figures stay held-out.
     scored = plains[0] if n_members > 1 and cfg.train.ensemble_val == "rotate" else plain
-    probs = scored.predict(val_ds, verbose=0)
-    if bucket:
-        probs = restore_order(probs, length_order(cache, val_ids, cfg.data, modalities))
-    pred = probs.argmax(-1)
+    pred = exp.predict(scored, val_ids, val_ds).argmax(-1)
     metrics = compute_metrics(corpus.label_ids(val_ids), pred, cfg.model.num_classes)
+    normalizer = exp.normalizer
     is_chief, _ = worker_role(strategy)
     if is_chief:
-        model_path = run_dir / "best.keras"
-        plain.save(model_path)
-        extractors = cache.metadata["extractors"]
-        write_model_sidecar(
-            model_path,
-            cfg,
-            list(corpus.labels),
-            {m: extractors[m] for m in modalities},
-            # `global` statistics travel with the model (export applies them in-graph).
-            norm_stats=normalizer if mode == "global" else None,
-        )
+        # `global` statistics travel with the model (export applies them in-graph).
+        exp.save(plain, run_dir / "best.keras")
         split = {
             "train_speakers": train_speakers,
             "val_speakers": val_speakers,

@@ -18,13 +18,11 @@ def fold_normalizer(cfg: Config, cache, corpus: Corpus, fold: Fold):
     `global`: mean/std of the fold's training speakers only. `speaker`: every speaker of the
     fold with its own statistics (unsupervised: labels are never used), test speakers included.
     """
-    from ks_keras.data import compute_norm_stats
+    from ks_keras.experiment import audio_normalizer
 
-    mode = cfg.features.audio.normalize
-    if mode == "none" or "audio" not in cfg.model.modalities:
-        return None
-    ids = fold.train_ids if mode == "global" else fold.train_ids + fold.val_ids + fold.test_ids
-    return compute_norm_stats(cache, ids, mode, speaker_of=corpus.speaker_of())
+    return audio_normalizer(
+        cfg, cache, corpus.speaker_of(), fold.train_ids, fold.val_ids + fold.test_ids
+    )
 
 
 def attention_examples(

@@ -15,6 +15,7 @@ from ks_keras.corpora.manifest import Corpus
 from ks_keras.ensemble import member_seed
 from ks_keras.evaluation.attention import attention_examples, fold_normalizer
 from ks_keras.evaluation.results import CVResult, FoldResult
+from ks_keras.experiment import Experiment, check_classes, softmax_rows
 from ks_keras.folds import Fold, make_folds, rotate_validation
 from ks_keras.metrics import compute_metrics
 
@@ -119,19 +120,15 @@ def cross_validate(
     repeats = repeats or cfg.eval.repeats
     eval_cfg = replace(cfg.eval, protocol=protocol, repeats=repeats)
     cfg = replace(cfg, eval=eval_cfg)
-    if len(corpus.labels) != cfg.model.num_classes:
-        raise ValueError(
-            f"model.num_classes={cfg.model.num_classes}, but the corpus has "
-            f"{len(corpus.labels)} classes {corpus.labels}"
-        )
+    check_classes(cfg, corpus)
     folds = make_folds(corpus, eval_cfg, seed=cfg.train.seed, max_folds=max_folds)
     if functionals is None and cfg.features.functionals != "none":
         from ks_keras.features.functionals import model_functionals
 
         functionals = model_functionals(cfg, corpus, progress=False)
     run_dir = Path(run_dir)
-    label_of = dict(zip(corpus.ids, corpus.label_ids().tolist(), strict=True))
-    speaker_of = corpus.speaker_of()
+    exp = Experiment(cfg, corpus, cache, functionals)
+    label_of, speaker_of = exp.label_of, exp.speaker_of
     results = []
     total = repeats * len(folds)
     for r in range(repeats):
@@ -152,7 +149,9 @@ def cross_validate(
                     if cfg.train.ensemble_val == "rotate"
                     else fold
                 )
-                normalizer = fold_normalizer(cfg, cache, corpus, member_fold)
+                member_exp = exp.with_normalizer(
+                    member_fold.train_ids, member_fold.val_ids + member_fold.test_ids
+                )
                 fold_cfg = replace(cfg, train=replace(cfg.train, seed=member_seed(seed, j)))
                 tag = f"repeat{r}_fold{fold.index}" + (f"_member{j}" if j else "")
                 if cfg.train.ensemble > 1:
@@ -162,16 +161,7 @@ def cross_validate(
                     )
                 members.append(
                     _fit_fold_member(
-                        fold_cfg,
-                        cache,
-                        member_fold,
-                        label_of,
-                        speaker_of,
-                        normalizer,
-                        protocol,
-                        run_dir / "runs" / tag,
-                        verbose,
-                        functionals,
+                        member_exp, fold_cfg, member_fold, protocol, run_dir / "runs" / tag, verbose
                     )
                 )
             result = members[0][0]
@@ -225,74 +215,21 @@ def cross_validate(
     return cv
 
 
-def _fit_fold_member(
-    fold_cfg: Config,
-    cache,
-    fold: Fold,
-    label_of: dict[str, int],
-    speaker_of: dict[str, str],
-    normalizer,
-    protocol: str,
-    run_dir: Path,
-    verbose,
-    functionals=None,
-):
-    """Train one model on a fold; returns `(FitResult, test probabilities [n_test, C])`."""
-    from ks_keras.data import bucketing, length_order, make_dataset, restore_order
-    from ks_keras.model import build_model
-    from ks_keras.training import balanced_class_weights, fit, write_json_atomic
+def _fit_fold_member(exp: Experiment, fold_cfg: Config, fold: Fold, protocol, run_dir, verbose):
+    """Train one model on a fold (reusing a finished one); returns `(FitResult, test
+    probabilities [n_test, C])`. `exp` carries the fold's normalisation statistics."""
+    from ks_keras.training import write_json_atomic
 
-    seed = fold_cfg.train.seed
     # Length-bucketed batches for training and prediction alike (test and validation
-    # batches come sorted by length; the test predictions are put back in fold order).
-    bucket = bucketing(fold_cfg)
-
-    def dataset(ids, shuffle):
-        return make_dataset(
-            cache,
-            ids,
-            [label_of[i] for i in ids],
-            fold_cfg.data,
-            batch_size=fold_cfg.train.batch_size,
-            shuffle=shuffle,
-            bucket_by_length=bucket,
-            seed=seed,
-            modalities=fold_cfg.model.modalities,
-            normalizer=normalizer,
-            speaker_of=speaker_of,
-            num_classes=fold_cfg.model.num_classes,
-            functionals=functionals,
-        )
-
-    train_ds = dataset(fold.train_ids, True)
-    test_ds = dataset(fold.test_ids, False)
-    val_ds = dataset(fold.val_ids, False) if protocol == "honest" else test_ds
-    class_weight = None
-    if fold_cfg.data.class_weights:
-        class_weight = balanced_class_weights(
-            [label_of[i] for i in fold.train_ids], fold_cfg.model.num_classes
-        )
+    # batches come sorted by length; `exp.predict` puts the test predictions back in order).
+    test_ds = exp.dataset(fold.test_ids, False)
+    val_ds = exp.dataset(fold.val_ids, False) if protocol == "honest" else test_ds
     identity = _member_identity(fold_cfg, fold, protocol)
     result = finished_member(fold_cfg, run_dir, identity)
     if result is None:
-        result = fit(
-            lambda: build_model(fold_cfg),
-            train_ds,
-            val_ds,
-            fold_cfg,
-            run_dir,
-            class_weight=class_weight,
-            monitor="val_ua",
-            verbose=verbose,
-        )
+        result = exp.fit(fold_cfg, fold.train_ids, val_ds, run_dir, verbose=verbose)
         write_json_atomic(Path(run_dir) / FINISHED_FILE, identity)
-    logits = np.asarray(result.model.predict(test_ds, verbose=0), np.float64)
-    if bucket:
-        order = length_order(cache, fold.test_ids, fold_cfg.data, fold_cfg.model.modalities)
-        logits = restore_order(logits, order)
-    logits -= logits.max(axis=-1, keepdims=True)
-    probs = np.exp(logits)
-    return result, probs / probs.sum(axis=-1, keepdims=True)
+    return result, softmax_rows(exp.predict(result.model, fold.test_ids, test_ds))
 
 
 # A member's run folder gets this record once its training has finished; a re-run of the same

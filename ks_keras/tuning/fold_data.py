@@ -9,7 +9,6 @@ from pathlib import Path
 import tensorflow as tf
 
 from ks_keras.config import Config
-from ks_keras.training import balanced_class_weights
 from ks_keras.tuning.finish import FoldData
 
 # ---------------------------------------------------------------------------------------------
@@ -50,17 +49,11 @@ def prepare_fold_data(
     before features are extracted.
     """
     from ks_keras.corpora import load_corpus
-    from ks_keras.data import bucketing, compute_norm_stats, make_dataset
+    from ks_keras.experiment import Experiment, check_classes
     from ks_keras.features import check_model_dims
-    from ks_keras.features.cache import extract_corpus
-    from ks_keras.features.functionals import model_functionals
 
     corpus = load_corpus(cfg.data)
-    if len(corpus.labels) != cfg.model.num_classes:
-        raise ValueError(
-            f"model.num_classes={cfg.model.num_classes}, but the corpus has "
-            f"{len(corpus.labels)} classes {corpus.labels}; set model.num_classes or data.labels"
-        )
+    check_classes(cfg, corpus, hint="; set model.num_classes or data.labels")
     chosen = select_fold(corpus, cfg, fold)
     check_model_dims(cfg)
     log(
@@ -69,52 +62,21 @@ def prepare_fold_data(
         f"{len(chosen.val_ids)} ({', '.join(chosen.val_speakers)}), test {len(chosen.test_ids)} "
         f"({', '.join(chosen.test_speakers)}, used once after the search)"
     )
-    cache = extract_corpus(cfg, corpus, progress=progress)
-    functionals = model_functionals(cfg, corpus, progress=progress)
-
-    label_of = dict(zip(corpus.ids, corpus.label_ids().tolist(), strict=True))
-    speaker_of = corpus.speaker_of()
-    mode = cfg.features.audio.normalize
-    normalizer = None
-    if mode != "none" and "audio" in cfg.model.modalities:
-        ids = (
-            chosen.train_ids
-            if mode == "global"
-            else (chosen.train_ids + chosen.val_ids + chosen.test_ids)
-        )
-        normalizer = compute_norm_stats(cache, ids, mode, speaker_of=speaker_of)
+    exp = Experiment.prepare(cfg, corpus, progress=progress)
+    exp = exp.with_normalizer(chosen.train_ids, chosen.val_ids + chosen.test_ids)
 
     def dataset(ids: list[str], shuffle: bool) -> tf.data.Dataset:
-        return make_dataset(
-            cache,
-            ids,
-            [label_of[i] for i in ids],
-            cfg.data,
-            batch_size=cfg.train.batch_size,
-            shuffle=shuffle,
-            bucket_by_length=shuffle and bucketing(cfg),
-            seed=cfg.train.seed,
-            modalities=cfg.model.modalities,
-            normalizer=normalizer,
-            speaker_of=speaker_of,
-            num_classes=cfg.model.num_classes,
-            functionals=functionals,
-        )
+        # Validation and test batches in id order (the tuner scores them as they come).
+        return exp.dataset(ids, shuffle, bucket=shuffle and exp.bucket)
 
-    class_weight = None
-    if cfg.data.class_weights:
-        class_weight = balanced_class_weights(
-            [label_of[i] for i in chosen.train_ids], cfg.model.num_classes
-        )
-    extractors = cache.metadata.get("extractors", {})
     return FoldData(
         train_ds=lambda: dataset(chosen.train_ids, True),
         val_ds=dataset(chosen.val_ids, False),
         test_ds=dataset(chosen.test_ids, False),
         labels=list(corpus.labels),
-        feature_metadata={m: extractors[m] for m in cfg.model.modalities if m in extractors},
-        class_weight=class_weight,
-        norm_stats=normalizer if mode == "global" else None,
+        feature_metadata=exp.feature_metadata(),
+        class_weight=exp.class_weight(chosen.train_ids),
+        norm_stats=exp.norm_stats,
         fold_info={
             "index": chosen.index,
             "name": chosen.name,
