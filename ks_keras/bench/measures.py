@@ -221,7 +221,7 @@ def _measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
                 drop_remainder=True,
             )
             source = "ks_keras.data.make_dataset (synthetic TFRecord feature cache)"
-        except Exception as e:  # data.py is optional here: fall back, and say why
+        except Exception as e:  # ks_keras.data is optional here: fall back, and say why
             fallback_reason = f"{type(e).__name__}: {e}"
             ds = _in_memory_dataset(spec, n, batch, tf)
             source = "in-memory tf.data (from_tensor_slices + padded_batch)"

@@ -151,7 +151,7 @@ def make_serving_functions(model, metadata: dict, audio_config=None) -> dict:
                 # Utterance-level values, normalised (or not) by the client as in training.
                 fixed[FUNCTIONALS_INPUT] = tf.identity(inputs[FUNCTIONALS_INPUT])
         if norm is not None and norm["mode"] == "global":
-            # Training-set statistics, applied to real steps only (as data.py does).
+            # Training-set statistics, applied to real steps only (as ks_keras.data does).
             m = norm["modality"]
             fixed[m] = normalize_tf(fixed[m], fixed[f"{m}_mask"], norm_mean, norm_std)
         logits = model(fixed, training=False)

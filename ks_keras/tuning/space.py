@@ -390,7 +390,7 @@ def check_space(space: SearchSpace, cfg: Config, tuner: str = "random") -> list[
     Raises:
         ValueError: naming the space file, the hyperparameter and what was expected.
     """
-    from ks_keras.config import _coerce
+    from ks_keras.config.loading import _coerce
 
     try:
         _check_config(cfg)
