@@ -56,17 +56,7 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ks-keras",
-        description="KS-Transformer + CCAB multimodal speech emotion recognition (Keras 3 / TF).",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
-
-    p = sub.add_parser("info", help="versions, devices, distribution strategy, parameter count")
-    _add_config_args(p)
-    p.set_defaults(target="ks_keras.commands.info:run_info")
-
+def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a trained .keras model as a TF Serving SavedModel")
     p.add_argument("--model", required=True, help="trained model file (run/best.keras)")
     _add_config_args(p)
@@ -85,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(target="ks_keras.commands.export:run_export")
 
+
+def _add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="emotion of an audio file + transcript (or a manifest)")
     p.add_argument("audio", nargs="?", help="audio file (WAV/FLAC/OGG; resampled if needed)")
     p.add_argument("--text", help="the transcript of the audio")
@@ -134,36 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(target="ks_keras.commands.predict:run_predict")
 
-    p = sub.add_parser("features", help="extract and cache features of the configured corpus")
-    _add_config_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(target="ks_keras.commands.features:run_features")
 
-    p = sub.add_parser("prepare", help="write a manifest CSV for a corpus you bring")
-    prep = p.add_subparsers(dest="corpus", metavar="<corpus>", required=True)
-    q = prep.add_parser("iemocap", help="IEMOCAP official release → 4-class manifest")
-    q.add_argument("--root", required=True, help="IEMOCAP_full_release folder")
-    q.add_argument("--out", required=True, help="manifest CSV to write")
-    q.add_argument(
-        "--all-labels",
-        action="store_true",
-        help="keep every agreed label (excited not merged) instead of 4 classes",
-    )
-    q.set_defaults(target="ks_keras.commands.prepare:run_prepare_iemocap")
-
-    p = sub.add_parser("evaluate", help="cross-validated training + test with a report folder")
-    _add_config_args(p)
-    _add_evaluate_arguments(p)
-    p.set_defaults(target="ks_keras.commands.evaluate:run_evaluate")
-
-    p = sub.add_parser("demo", help="offline EmoDB demo: features, LOSO training, report")
-    _add_config_args(p)
-    p.add_argument("--full", action="store_true", help="all 10 speakers (default: a subset)")
-    p.add_argument("--report-dir", help="report folder (default reports/emodb_demo)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the eGeMAPS + SVM baseline")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(target="ks_keras.commands.demo:run_demo")
-
+def _add_tune_parser(sub) -> None:
     p = sub.add_parser(
         "tune",
         help="KerasTuner search on one fold's validation speakers, then "
@@ -213,6 +177,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(target="ks_keras.commands.tune:run_tune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ks-keras",
+        description="KS-Transformer + CCAB multimodal speech emotion recognition (Keras 3 / TF).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("info", help="versions, devices, distribution strategy, parameter count")
+    _add_config_args(p)
+    p.set_defaults(target="ks_keras.commands.info:run_info")
+
+    _add_export_parser(sub)
+
+    _add_predict_parser(sub)
+
+    p = sub.add_parser("features", help="extract and cache features of the configured corpus")
+    _add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(target="ks_keras.commands.features:run_features")
+
+    p = sub.add_parser("prepare", help="write a manifest CSV for a corpus you bring")
+    prep = p.add_subparsers(dest="corpus", metavar="<corpus>", required=True)
+    q = prep.add_parser("iemocap", help="IEMOCAP official release → 4-class manifest")
+    q.add_argument("--root", required=True, help="IEMOCAP_full_release folder")
+    q.add_argument("--out", required=True, help="manifest CSV to write")
+    q.add_argument(
+        "--all-labels",
+        action="store_true",
+        help="keep every agreed label (excited not merged) instead of 4 classes",
+    )
+    q.set_defaults(target="ks_keras.commands.prepare:run_prepare_iemocap")
+
+    p = sub.add_parser("evaluate", help="cross-validated training + test with a report folder")
+    _add_config_args(p)
+    _add_evaluate_arguments(p)
+    p.set_defaults(target="ks_keras.commands.evaluate:run_evaluate")
+
+    p = sub.add_parser("demo", help="offline EmoDB demo: features, LOSO training, report")
+    _add_config_args(p)
+    p.add_argument("--full", action="store_true", help="all 10 speakers (default: a subset)")
+    p.add_argument("--report-dir", help="report folder (default reports/emodb_demo)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the eGeMAPS + SVM baseline")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(target="ks_keras.commands.demo:run_demo")
+
+    _add_tune_parser(sub)
 
     from ks_keras.bench_reference import REFERENCE_HELP
     from ks_keras.commands.bench import add_bench_args  # no TensorFlow import
