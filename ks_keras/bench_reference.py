@@ -199,6 +199,71 @@ def _to_torch(torch, inputs: dict, labels, modalities: list[str], device: str):
     return [*xs, *pads], torch.from_numpy(labels.astype("int64")).to(device)
 
 
+def _check_forward(torch, model, spec, modalities, device) -> dict[str, Any]:
+    """The `load` measure: one forward on 2 samples must give `[2, num_classes]` logits."""
+    from ks_keras import bench
+
+    ref, m = spec["reference"], spec["model"]
+    x, y = _to_torch(torch, *bench.synthetic_batch(spec, 2, 0), modalities, device)
+    model.eval()
+    call = _forward_signature(modalities)
+    try:
+        with torch.inference_mode():
+            out = model(*x)
+    except Exception as e:
+        raise ReferenceLoadError(
+            f"--reference-dir {ref['dir']}, --reference-entry {ref['entry']}: calling the "
+            f"model as {call} (float32 inputs, bool masks True at padded steps) failed: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    expected = (2, int(m["num_classes"]))
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ReferenceLoadError(
+            f"--reference-dir {ref['dir']}, --reference-entry {ref['entry']}: {call} "
+            f"should return logits of shape {list(expected)}, got {got}"
+        )
+    return {"peak_rss_gib": round(bench._peak_rss_gib(), 3)}
+
+
+def _reference_step(torch, model, measure, next_batch, autocast, amp_dtype, device, spec):
+    """The timed step of a `train`, `infer` or `latency` measure (waits for its result)."""
+    if measure == "train":
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec.get("lr", 5e-4))
+        loss_fn = torch.nn.CrossEntropyLoss()
+        scaler = torch.amp.GradScaler(device) if amp_dtype is torch.float16 else None
+
+        def step():
+            x, y = next_batch()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = loss_fn(model(*x).float(), y)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            value = float(loss)  # waits for the step, as `train_on_batch` does
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite reference training loss {value}")
+
+    elif measure in ("infer", "latency"):
+        model.eval()
+
+        def step():
+            x, _ = next_batch()
+            with torch.inference_mode(), autocast():
+                out = model(*x)
+            out.float().cpu().numpy()  # waits for the result, as `predict_on_batch` does
+
+    else:
+        raise ValueError(f"unknown reference measure {measure!r}")
+    return step
+
+
 def measure_reference(spec: dict[str, Any]) -> dict[str, Any]:
     """One reference measure in this (child) process: `spec["measure"]` is `load` (build,
     count parameters, check one forward against the contract), `train`, `infer` or `latency`.
@@ -241,26 +306,7 @@ def measure_reference(spec: dict[str, Any]) -> dict[str, Any]:
 
     measure = spec["measure"]
     if measure == "load":
-        x, y = _to_torch(torch, *bench.synthetic_batch(spec, 2, 0), modalities, device)
-        model.eval()
-        call = _forward_signature(modalities)
-        try:
-            with torch.inference_mode():
-                out = model(*x)
-        except Exception as e:
-            raise ReferenceLoadError(
-                f"--reference-dir {ref['dir']}, --reference-entry {ref['entry']}: calling the "
-                f"model as {call} (float32 inputs, bool masks True at padded steps) failed: "
-                f"{type(e).__name__}: {e}"
-            ) from e
-        expected = (2, int(m["num_classes"]))
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ReferenceLoadError(
-                f"--reference-dir {ref['dir']}, --reference-entry {ref['entry']}: {call} "
-                f"should return logits of shape {list(expected)}, got {got}"
-            )
-        return {**info, "peak_rss_gib": round(bench._peak_rss_gib(), 3)}
+        return {**info, **_check_forward(torch, model, spec, modalities, device)}
 
     batch = spec["batch"]
     batches = [
@@ -273,40 +319,7 @@ def measure_reference(spec: dict[str, Any]) -> dict[str, Any]:
         counter[0] += 1
         return batches[counter[0] % len(batches)]
 
-    if measure == "train":
-        model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=spec.get("lr", 5e-4))
-        loss_fn = torch.nn.CrossEntropyLoss()
-        scaler = torch.amp.GradScaler(device) if amp_dtype is torch.float16 else None
-
-        def step():
-            x, y = next_batch()
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                loss = loss_fn(model(*x).float(), y)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            value = float(loss)  # waits for the step, as `train_on_batch` does
-            if not math.isfinite(value):
-                raise FloatingPointError(f"non-finite reference training loss {value}")
-
-    elif measure in ("infer", "latency"):
-        model.eval()
-
-        def step():
-            x, _ = next_batch()
-            with torch.inference_mode(), autocast():
-                out = model(*x)
-            out.float().cpu().numpy()  # waits for the result, as `predict_on_batch` does
-
-    else:
-        raise ValueError(f"unknown reference measure {measure!r}")
-
+    step = _reference_step(torch, model, measure, next_batch, autocast, amp_dtype, device, spec)
     timing = bench._timed(step, spec["warmup"], spec["max_warmup"], spec["repeats"])
     return {
         **timing,
