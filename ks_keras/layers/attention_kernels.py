@@ -163,6 +163,70 @@ def autodiff_attention(
     return attention_output
 
 
+def _heads_first(x):
+    """`[B, T, N, H]` <-> `[B, N, T, H]` (small tensors)."""
+    return ops.transpose(x, (0, 2, 1, 3))
+
+
+def _softmax_of(qh, kh, logit_mask):
+    """Float32 softmax of `qh · khᵀ` `[B, N, T, S]`, masked by `logit_mask` unless None.
+
+    Plain batched matmuls in the `[B, N, T, *]` layout: the `[B, N, T, S]` tensors are never
+    transposed (Grappler folds the swapaxes into the matmul's adjoint flags; XLA takes them as
+    dot dimensions). einsum transposed them on CPU.
+    """
+    logits = ops.matmul(qh, ops.swapaxes(kh, -1, -2))  # [B, N, T, S]
+    if logit_mask is not None:
+        logits = ops.where(logit_mask, logits, LARGE_NEGATIVE)
+    return ops.softmax(logits, axis=-1)
+
+
+def _with_key_bias(qh, kh, key_bias, later=0.0):
+    """`[B, N, T, H+1]` and `[B, N, S, H+1]`: the extra product is the key's mask bias.
+
+    Built again in the backward pass (`later`: see `fused_attention`'s gradient) rather than
+    kept from the forward pass: two `[B, N, *, H+1]` tensors less per layer between the passes.
+    """
+    if key_bias is None:
+        return qh, kh
+    qa = ops.concatenate([qh, ops.ones_like(qh[..., :1])], axis=-1)
+    bias = ops.zeros_like(kh[..., :1]) + (key_bias + later)
+    return qa, ops.concatenate([kh, bias], axis=-1)
+
+
+def _kept_weights(probs, keep, dtype, fill):
+    """The softmax weights in `dtype` with dropped weights set to `fill` (no scaling)."""
+    weights = ops.cast(probs, dtype)
+    return weights if keep is None else ops.where(keep, weights, fill)
+
+
+def _softmax_logits_gradient(d_out, out, gh, vh, probs, keep, later):
+    """Gradient of the logits `[B, N, T, S]`: `P * (dP - sum_s P dP)`.
+
+    In float32 the row term `sum_s P dP` is computed as `d_out · out` per query and head (`out`
+    is linear in P), on tensors H/S times smaller, and subtracted inside the matmul that gives
+    dP; in half precision `out` is too coarse for that. A dropped weight has dP = 0.
+    """
+    dtype = vh.dtype
+    if dtype == "float32":
+        row_dot = ops.sum(d_out * out, axis=-1)  # [B, T, N]
+        row_dot = ops.transpose(row_dot, (0, 2, 1))[..., None]  # [B, N, T, 1]
+        ga = ops.concatenate([gh, -row_dot], axis=-1)  # [B, N, T, H+1]
+        ones = ops.ones_like(vh[..., :1]) + ops.cast(later, dtype)
+        va = ops.concatenate([vh, ones], axis=-1)
+        shifted = ops.matmul(ga, ops.swapaxes(va, -1, -2))  # dP - row_dot
+        if keep is not None:
+            shifted = ops.where(keep, shifted, -row_dot)
+    else:
+        d_weights = ops.matmul(gh, ops.swapaxes(vh, -1, -2))  # [B, N, T, S]
+        if keep is not None:
+            d_weights = ops.where(keep, d_weights, ops.zeros((), dtype))
+        d_probs = ops.cast(d_weights, "float32")
+        row_dot = ops.sum(d_probs * probs, axis=-1, keepdims=True)
+        shifted = d_probs - row_dot
+    return probs * shifted  # [B, N, T, S]
+
+
 def fused_attention(
     query,
     key,
@@ -220,47 +284,24 @@ def fused_attention(
         inv_keep = ops.cast(drop_scale, dtype)
         factor = inv_keep if factor is None else factor * inv_keep
     zero = ops.zeros((), dtype)
-
-    def heads_first(x):  # [B, T, N, H] <-> [B, N, T, H] (small tensors)
-        return ops.transpose(x, (0, 2, 1, 3))
-
-    def softmax_of(qh, kh):
-        # Plain batched matmuls in the [B, N, T, *] layout: the [B, N, T, S] tensors are never
-        # transposed (Grappler folds the swapaxes below into the matmul's adjoint flags; XLA
-        # takes them as dot dimensions). einsum transposed them on CPU.
-        logits = ops.matmul(qh, ops.swapaxes(kh, -1, -2))  # [B, N, T, S]
-        if softmax_mask is not None and key_bias is None:
-            logits = ops.where(softmax_mask, logits, LARGE_NEGATIVE)
-        return ops.softmax(logits, axis=-1)
-
-    def with_key_bias(qh, kh, later=0.0):
-        # [B, N, T, H+1] and [B, N, S, H+1]: the extra product is the key's mask bias. Built
-        # again in the backward pass (`later`: see `grad`) rather than kept from the forward
-        # pass: two [B, N, *, H+1] tensors less per layer between the passes.
-        if key_bias is None:
-            return qh, kh
-        qa = ops.concatenate([qh, ops.ones_like(qh[..., :1])], axis=-1)
-        bias = ops.zeros_like(kh[..., :1]) + (key_bias + later)
-        return qa, ops.concatenate([kh, bias], axis=-1)
-
-    def kept_weights(probs, fill=zero):
-        weights = ops.cast(probs, dtype)
-        return weights if keep is None else ops.where(keep, weights, fill)
+    # Without the folded key bias the logits are masked inside the softmax.
+    logit_mask = softmax_mask if key_bias is None else None
 
     @ops.custom_gradient
     def attend(query, key, value):
         q32 = query if query.dtype == "float32" else ops.cast(query, "float32")
         k32 = key if key.dtype == "float32" else ops.cast(key, "float32")
-        qh = heads_first(q32 * scale)  # [B, N, T, H]
-        kh = heads_first(k32)  # [B, N, S, H]
-        probs = softmax_of(*with_key_bias(qh, kh))
-        vh = heads_first(value)  # [B, N, S, H]
+        qh = _heads_first(q32 * scale)  # [B, N, T, H]
+        kh = _heads_first(k32)  # [B, N, S, H]
+        probs = _softmax_of(*_with_key_bias(qh, kh, key_bias), logit_mask)
+        vh = _heads_first(value)  # [B, N, S, H]
         kept_f = None
         kept = None if select_keys is None else select_keys(probs, key_valid, voters)
         if kept is not None:
             kept_f = ops.cast(kept, dtype)[..., None]  # [B, N, S, 1]
             vh = vh * kept_f
-        out = heads_first(ops.matmul(kept_weights(probs), vh))  # [B, T, N, H]
+        weights = _kept_weights(probs, keep, dtype, zero)
+        out = _heads_first(ops.matmul(weights, vh))  # [B, T, N, H]
         if factor is not None:
             out = out * factor
         saved_probs = None if recompute_softmax else probs
@@ -277,42 +318,21 @@ def fused_attention(
                 if saved_probs is not None:
                     probs = saved_probs
                 else:
-                    qa, ka = with_key_bias(qh + later, kh, later)
-                    probs = softmax_of(qa, ka)
+                    qa, ka = _with_key_bias(qh + later, kh, key_bias, later)
+                    probs = _softmax_of(qa, ka, logit_mask)
                 g = d_out if factor is None else d_out * factor
-                gh = heads_first(g)  # [B, N, T, H]
-                weights = kept_weights(probs, ops.cast(later, dtype))
+                gh = _heads_first(g)  # [B, N, T, H]
+                weights = _kept_weights(probs, keep, dtype, ops.cast(later, dtype))
                 d_vh = ops.matmul(ops.swapaxes(weights, -1, -2), gh)  # [B, N, S, H]
                 if kept_f is not None:
                     d_vh = d_vh * kept_f
-                # Softmax: dL = P * (dP - sum_s P dP). In float32 the sum is computed as
-                # d_out · out per query and head (out is linear in P), on tensors H/S times
-                # smaller, and subtracted inside the matmul that gives dP; in half precision
-                # `out` is too coarse for that.
-                if dtype == "float32":
-                    row_dot = ops.sum(d_out * out, axis=-1)  # [B, T, N]
-                    row_dot = ops.transpose(row_dot, (0, 2, 1))[..., None]  # [B, N, T, 1]
-                    ga = ops.concatenate([gh, -row_dot], axis=-1)  # [B, N, T, H+1]
-                    ones = ops.ones_like(vh[..., :1]) + ops.cast(later, dtype)
-                    va = ops.concatenate([vh, ones], axis=-1)
-                    shifted = ops.matmul(ga, ops.swapaxes(va, -1, -2))  # dP - row_dot
-                    if keep is not None:
-                        # A dropped weight has dP = 0.
-                        shifted = ops.where(keep, shifted, -row_dot)
-                else:
-                    d_weights = ops.matmul(gh, ops.swapaxes(vh, -1, -2))  # [B, N, T, S]
-                    if keep is not None:
-                        d_weights = ops.where(keep, d_weights, zero)
-                    d_probs = ops.cast(d_weights, "float32")
-                    row_dot = ops.sum(d_probs * probs, axis=-1, keepdims=True)
-                    shifted = d_probs - row_dot
-                d_logits = probs * shifted  # [B, N, T, S]
+                d_logits = _softmax_logits_gradient(d_out, out, gh, vh, probs, keep, later)
                 d_qh = ops.matmul(d_logits, kh) * scale  # [B, N, T, H]
                 d_kh = ops.matmul(ops.swapaxes(d_logits, -1, -2), qh)  # [B, N, S, H]
                 grads = (
-                    ops.cast(heads_first(d_qh), query.dtype),
-                    ops.cast(heads_first(d_kh), key.dtype),
-                    ops.cast(heads_first(d_vh), dtype),
+                    ops.cast(_heads_first(d_qh), query.dtype),
+                    ops.cast(_heads_first(d_kh), key.dtype),
+                    ops.cast(_heads_first(d_vh), dtype),
                 )
             if variables is not None:
                 return grads, [None] * len(variables)
