@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ks_keras.bench.settings import CPU_FLAGS, LATENCY_MEASURES, STORED_REFERENCE, TARGETS, _plan
@@ -44,29 +45,16 @@ def _stored_reference_lines() -> list[str]:
     ]
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """Our figures (and the reference model's, when measured in the same run) as plain text.
+# `row(label, ours, ref_value="", ratio="", target="", same_run_target="")`: adds one table
+# row (see `format_table`).
+_Row = Callable[..., None]
 
-    Ratios and targets appear only for figures measured in this run on this machine.
-    """
-    s = report["summary"]
-    quick = report["meta"]["quick"]
-    theirs = s.get("reference")
+
+def _vs_reference_rows(
+    row: _Row, s: dict[str, Any], theirs: dict[str, Any] | None, p: dict[str, Any], big: int
+) -> None:
+    """Figures measured on both sides: throughput, latency, memory and parameters."""
     r = s["vs_reference"]
-    p = _plan(quick)
-    big = max(p["train_batches"])
-    if theirs:
-        rows = [("measure", "ours", "reference", "ours/ref", "target")]
-    else:
-        rows = [("measure", "ours", "target")]
-
-    def row(label, ours, ref_value="", ratio="", target="", same_run_target=""):
-        """A table row; `target` applies to ours/ref, `same_run_target` to ours alone."""
-        if theirs:
-            rows.append((label, ours, ref_value, ratio, target or same_run_target))
-        else:
-            rows.append((label, ours, same_run_target))
-
     train_target = f">= {TARGETS['train_throughput_ratio_min']}"
     for b, ours in sorted(s["train"].items(), key=lambda kv: int(kv[0])):
         ref_row = (theirs or {}).get("train", {}).get(b, {})
@@ -110,6 +98,11 @@ def format_table(report: dict[str, Any]) -> str:
         _fmt((theirs or {}).get("trainable_params"), ","),
         _fmt(r.get("trainable_params"), ".4f"),
     )
+
+
+def _comparison_rows(row: _Row, report: dict[str, Any], p: dict[str, Any], big: int) -> None:
+    """Our side only: attention, XLA, precision, input pipeline and realistic lengths."""
+    s = report["summary"]
     a = s["comparisons"]["attention"]
     attention_target = f"<= {TARGETS['key_sparse_vs_dense_max']}"
     row("KS / dense attention, fwd", _fmt(a["ratio_fwd"]), same_run_target=attention_target)
@@ -143,10 +136,18 @@ def format_table(report: dict[str, Any]) -> str:
         )
         row("  ratio bucketed / padded (same run)", _fmt(figures.get("bucketed_over_padded")))
 
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """The rows as left-aligned columns, a rule of dashes under the first."""
     n = len(rows[0])
     widths = [max(len(line[i]) for line in rows) for i in range(n)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _head_lines(report: dict[str, Any], quick: bool) -> list[str]:
+    """What ran, on which CPU, and the reference measured beside it."""
     meta = report["meta"]
     head = [
         f"ks-keras bench ({'quick, tiny model' if quick else 'paper size'}; "
@@ -162,6 +163,36 @@ def format_table(report: dict[str, Any]) -> str:
         )
     if quick:
         head.append("(quick mode: tiny model on every side; the targets apply to the paper size)")
+    return head
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Our figures (and the reference model's, when measured in the same run) as plain text.
+
+    Ratios and targets appear only for figures measured in this run on this machine.
+    """
+    s = report["summary"]
+    quick = report["meta"]["quick"]
+    theirs = s.get("reference")
+    p = _plan(quick)
+    big = max(p["train_batches"])
+    if theirs:
+        rows = [("measure", "ours", "reference", "ours/ref", "target")]
+    else:
+        rows = [("measure", "ours", "target")]
+
+    def row(label, ours, ref_value="", ratio="", target="", same_run_target=""):
+        """A table row; `target` applies to ours/ref, `same_run_target` to ours alone."""
+        if theirs:
+            rows.append((label, ours, ref_value, ratio, target or same_run_target))
+        else:
+            rows.append((label, ours, same_run_target))
+
+    _vs_reference_rows(row, s, theirs, p, big)
+    _comparison_rows(row, report, p, big)
+
+    lines = _aligned(rows)
+    head = _head_lines(report, quick)
     if theirs:
         tail = [
             "(the reference's latency is its forward on the request padded to the full length; "

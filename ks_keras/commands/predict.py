@@ -11,6 +11,7 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -98,8 +99,6 @@ def _make_predictor(args) -> Predictor:
 
 
 def _predict_manifest(predictor: Predictor, args, signature: str) -> int:
-    from tqdm import tqdm
-
     modalities = predictor.metadata["modalities"]
     rows = read_prediction_manifest(args.manifest, modalities)
     if "text" in modalities:
@@ -107,6 +106,35 @@ def _predict_manifest(predictor: Predictor, args, signature: str) -> int:
         predictor.featurizer.check_texts([r["text"] for r in rows], names)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    predictions = _predict_rows(predictor, args, signature, rows)
+    labels = predictor.labels
+    # Manifest labels go through the model's label map (e.g. excited → happy) as in training.
+    label_map = metadata_config(predictor.metadata).data.label_map
+    truth = [label_map.get(r["label"], r["label"]) if r["label"] else None for r in rows]
+    notes = predictor.featurizer.notes + [n for p in predictions for n in p.notes]
+    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        if args.json:
+            _write_predictions_json(out, predictor, signature, notes, predictions, truth)
+        else:
+            _write_predictions_csv(out, labels, predictions, truth)
+    finally:
+        if args.output:
+            out.close()
+    if not args.json:
+        _print_notes(notes)
+    _print_accuracy(predictions, truth, labels)
+    if args.output:
+        print(f"wrote {len(predictions)} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _predict_rows(predictor: Predictor, args, signature: str, rows: list[dict]) -> list[Prediction]:
+    """Predictions in row order, in chunks under a progress bar; every bad audio file is
+    collected into one `BadAudioError`."""
+    from tqdm import tqdm
+
+    modalities = predictor.metadata["modalities"]
     results: list[Prediction | None] = [None] * len(rows)
     bad_audio: list[str] = []
     with tqdm(
@@ -130,47 +158,54 @@ def _predict_manifest(predictor: Predictor, args, signature: str) -> int:
             bar.update(len(idx))
     if bad_audio:
         raise BadAudioError(bad_audio)
-    predictions: list[Prediction] = list(results)  # type: ignore[arg-type]
-    labels = predictor.labels
-    # Manifest labels go through the model's label map (e.g. excited → happy) as in training.
-    label_map = metadata_config(predictor.metadata).data.label_map
-    truth = [label_map.get(r["label"], r["label"]) if r["label"] else None for r in rows]
-    notes = predictor.featurizer.notes + [n for p in predictions for n in p.notes]
-    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-    try:
-        if args.json:
-            records = [{**p.to_dict(), "true_label": t} for p, t in zip(predictions, truth)]
-            json.dump(
-                {
-                    "model": predictor.source,
-                    "signature": signature,
-                    "notes": list(dict.fromkeys(notes)),
-                    "predictions": records,
-                },
-                out,
-                indent=2,
-                allow_nan=False,
-            )
-            out.write("\n")
-        else:
-            writer = csv.writer(out)
-            has_truth = any(t is not None for t in truth)
-            writer.writerow(
-                ["id", "path", "predicted", "class_id"]
-                + [f"p_{lab}" for lab in labels]
-                + (["label", "correct"] if has_truth else [])
-            )
-            for p, t in zip(predictions, truth):
-                row = [p.id, p.path or "", p.label, p.class_id]
-                row += [f"{p.probabilities[lab]:.6f}" for lab in labels]
-                if has_truth:
-                    row += [t or "", "" if t is None else int(t == p.label)]
-                writer.writerow(row)
-    finally:
-        if args.output:
-            out.close()
-    if not args.json:
-        _print_notes(notes)
+    return list(results)  # type: ignore[arg-type]
+
+
+def _write_predictions_json(
+    out: TextIO,
+    predictor: Predictor,
+    signature: str,
+    notes: list[str],
+    predictions: list[Prediction],
+    truth: list[str | None],
+) -> None:
+    records = [{**p.to_dict(), "true_label": t} for p, t in zip(predictions, truth)]
+    json.dump(
+        {
+            "model": predictor.source,
+            "signature": signature,
+            "notes": list(dict.fromkeys(notes)),
+            "predictions": records,
+        },
+        out,
+        indent=2,
+        allow_nan=False,
+    )
+    out.write("\n")
+
+
+def _write_predictions_csv(
+    out: TextIO, labels: list[str], predictions: list[Prediction], truth: list[str | None]
+) -> None:
+    writer = csv.writer(out)
+    has_truth = any(t is not None for t in truth)
+    writer.writerow(
+        ["id", "path", "predicted", "class_id"]
+        + [f"p_{lab}" for lab in labels]
+        + (["label", "correct"] if has_truth else [])
+    )
+    for p, t in zip(predictions, truth):
+        row = [p.id, p.path or "", p.label, p.class_id]
+        row += [f"{p.probabilities[lab]:.6f}" for lab in labels]
+        if has_truth:
+            row += [t or "", "" if t is None else int(t == p.label)]
+        writer.writerow(row)
+
+
+def _print_accuracy(
+    predictions: list[Prediction], truth: list[str | None], labels: list[str]
+) -> None:
+    """Accuracy over the rows with a label (nothing when none has one), on stderr."""
     labelled = [(p.label, t) for p, t in zip(predictions, truth) if t is not None]
     if labelled:
         unknown = sorted({t for _, t in labelled} - set(labels))
@@ -179,6 +214,3 @@ def _predict_manifest(predictor: Predictor, args, signature: str) -> int:
         if unknown:
             msg += f" (labels the model does not know: {unknown})"
         print(msg, file=sys.stderr)
-    if args.output:
-        print(f"wrote {len(predictions)} predictions to {args.output}", file=sys.stderr)
-    return 0

@@ -35,8 +35,10 @@ import csv
 import io
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -225,6 +227,78 @@ def extra_fields_problem(row: dict, n_columns: int) -> str | None:
     )
 
 
+def _read_header_and_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """`read_csv_rows` of a manifest, its errors as `ManifestError`; every required column
+    must be in the header."""
+    try:
+        columns, csv_rows = read_csv_rows(path)
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
+    missing_cols = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing_cols:
+        raise ManifestError(
+            f"{path}: missing required column(s) {missing_cols}; found {columns}; "
+            f"required: {list(REQUIRED_COLUMNS)}, optional: {list(OPTIONAL_COLUMNS)}"
+        )
+    return columns, csv_rows
+
+
+def _strip_rows(
+    csv_rows: list[tuple[int, dict]], n_columns: int, problem: Callable[[str, str], None]
+) -> list[tuple[int, dict[str, str]]]:
+    """`(line, {column: text})` with stripped column names; fields beyond the header are
+    reported and dropped."""
+    raw_rows = []
+    for line, row in csv_rows:
+        extra = extra_fields_problem(row, n_columns)
+        if extra:
+            problem("more fields than the header", f"line {line}: {extra}")
+        raw_rows.append(
+            (line, {k.strip(): (v or "") for k, v in row.items() if isinstance(k, str)})
+        )
+    return raw_rows
+
+
+def _row_utterance(
+    line: int, r: dict[str, str], base: Path, problem: Callable[[str, str], None]
+) -> Utterance | None:
+    """The row's `Utterance` (None without a `path`); empty fields and a bad duration are
+    reported."""
+    for col in ("path", "speaker", "label"):
+        if not r.get(col, "").strip():
+            problem(f"empty {col}", f"line {line}")
+    rel = r.get("path", "").strip()
+    if not rel:
+        return None
+    audio = Path(rel) if Path(rel).is_absolute() else base / rel
+    duration = None
+    if r.get("duration", "").strip():
+        try:
+            duration = float(r["duration"])
+            if not duration > 0:
+                raise ValueError
+        except ValueError:
+            problem("bad duration (expected seconds > 0)", f"line {line}: {r['duration']!r}")
+            duration = None
+    return Utterance(
+        id=r.get("id", "").strip() or Path(rel).stem,
+        path=str(audio),
+        speaker=r.get("speaker", "").strip(),
+        label=r.get("label", "").strip(),
+        text=r.get("text", "").strip(),
+        session=r.get("session", "").strip() or None,
+        gender=r.get("gender", "").strip() or None,
+        duration=duration,
+    )
+
+
+def _raise_problems(path: Path, problems: dict[str, list[str]]) -> NoReturn:
+    lines = [f"{path}: {sum(len(v) for v in problems.values())} problem(s):"]
+    for kind, items in problems.items():
+        lines.append(f"  {kind} ({len(items)}): {_listing(items)}")
+    raise ManifestError("\n".join(lines))
+
+
 def read_manifest(
     path: str | Path,
     label_map: dict[str, str] | None = None,
@@ -252,61 +326,19 @@ def read_manifest(
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     base = path.resolve().parent
-    try:
-        columns, csv_rows = read_csv_rows(path)
-    except ValueError as e:
-        raise ManifestError(str(e)) from None
-    missing_cols = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing_cols:
-        raise ManifestError(
-            f"{path}: missing required column(s) {missing_cols}; found {columns}; "
-            f"required: {list(REQUIRED_COLUMNS)}, optional: {list(OPTIONAL_COLUMNS)}"
-        )
+    columns, csv_rows = _read_header_and_rows(path)
 
     problems: dict[str, list[str]] = {}
 
     def problem(kind: str, item: str) -> None:
         problems.setdefault(kind, []).append(item)
 
-    raw_rows = []
-    for line, row in csv_rows:
-        extra = extra_fields_problem(row, len(columns))
-        if extra:
-            problem("more fields than the header", f"line {line}: {extra}")
-        raw_rows.append(
-            (line, {k.strip(): (v or "") for k, v in row.items() if isinstance(k, str)})
-        )
-
+    raw_rows = _strip_rows(csv_rows, len(columns), problem)
     rows: list[Utterance] = []
     for line, r in raw_rows:
-        for col in ("path", "speaker", "label"):
-            if not r.get(col, "").strip():
-                problem(f"empty {col}", f"line {line}")
-        rel = r.get("path", "").strip()
-        if not rel:
-            continue
-        audio = Path(rel) if Path(rel).is_absolute() else base / rel
-        duration = None
-        if r.get("duration", "").strip():
-            try:
-                duration = float(r["duration"])
-                if not duration > 0:
-                    raise ValueError
-            except ValueError:
-                problem("bad duration (expected seconds > 0)", f"line {line}: {r['duration']!r}")
-                duration = None
-        rows.append(
-            Utterance(
-                id=r.get("id", "").strip() or Path(rel).stem,
-                path=str(audio),
-                speaker=r.get("speaker", "").strip(),
-                label=r.get("label", "").strip(),
-                text=r.get("text", "").strip(),
-                session=r.get("session", "").strip() or None,
-                gender=r.get("gender", "").strip() or None,
-                duration=duration,
-            )
-        )
+        utterance = _row_utterance(line, r, base, problem)
+        if utterance is not None:
+            rows.append(utterance)
     if not raw_rows:
         problem("no rows", str(path))
 
@@ -328,10 +360,7 @@ def read_manifest(
             if not Path(u.path).is_file():
                 problem("missing audio file", u.path)
     if problems:
-        lines = [f"{path}: {sum(len(v) for v in problems.values())} problem(s):"]
-        for kind, items in problems.items():
-            lines.append(f"  {kind} ({len(items)}): {_listing(items)}")
-        raise ManifestError("\n".join(lines))
+        _raise_problems(path, problems)
     if not kept:
         raise ManifestError(f"{path}: no utterances left after data.labels={labels}")
     corpus = Corpus(kept, selected, name=name or base.name, source=str(path))

@@ -156,7 +156,20 @@ def verify_export(
     if metadata is None or metadata.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: not a ks_keras export (no valid assets/{METADATA_FILE})")
     rng = np.random.default_rng(seed)
+    cases, case_specs, references, arrays = _verification_cases(metadata, model, batch_sizes, rng)
+    outputs, cli_out = _run_reload_and_cli(path, arrays, case_specs, timeout, check_cli)
+    report = _compare_outputs(path, cases, case_specs, references, outputs, atol)
+    if check_cli:
+        report.signatures = _check_cli_listing(cli_out, metadata, path)
+    return report
 
+
+def _verification_cases(
+    metadata: dict, model, batch_sizes: tuple[int, ...], rng: np.random.Generator
+):
+    """`(cases, case_specs, references, arrays)`: each case as `(kind, batch, request,
+    reference)`, its signature and input names, the Keras model's probabilities, and every
+    request array keyed `"<case index>/<input>"` for the reload check."""
     cases, references = [], []
     for batch in batch_sizes:
         cases.append(("default", batch, *_random_case(metadata, batch, rng)))
@@ -177,7 +190,14 @@ def verify_export(
             case_specs.append({"signature": WAVEFORM_SIGNATURE, "inputs": sorted(request)})
             references.append(_reference_probabilities(model, normalize_numpy(reference, metadata)))
             arrays.update({f"{i}/{k}": v for k, v in request.items()})
+    return cases, case_specs, references, arrays
 
+
+def _run_reload_and_cli(
+    path: Path, arrays: dict, case_specs: list[dict], timeout: float, check_cli: bool
+) -> tuple[dict[str, np.ndarray], str | None]:
+    """The reload check's outputs, and the stdout of `saved_model_cli show --all` (None
+    without `check_cli`)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     with tempfile.TemporaryDirectory(prefix="ks_keras_verify_") as tmp:
         in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
@@ -214,7 +234,18 @@ def verify_export(
                 f"{path}: saved_model_cli show --all failed:\n{_tail(results['cli'][1])}"
             )
         outputs = dict(np.load(out_path))
+    return outputs, results["cli"][0] if check_cli else None
 
+
+def _compare_outputs(
+    path: Path,
+    cases: list[tuple],
+    case_specs: list[dict],
+    references: list[np.ndarray],
+    outputs: dict[str, np.ndarray],
+    atol: float,
+) -> VerificationReport:
+    """The report of every case; raises on a difference above `atol` or a wrong `class_id`."""
     report = VerificationReport(path=str(path))
     for i, ((kind, batch, _, _), expected) in enumerate(zip(cases, references)):
         got = outputs[f"{i}/probabilities"]
@@ -241,9 +272,6 @@ def verify_export(
             }
         )
         report.max_abs_diff = max(report.max_abs_diff, diff)
-
-    if check_cli:
-        report.signatures = _check_cli_listing(results["cli"][0], metadata, path)
     return report
 
 

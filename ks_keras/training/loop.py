@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from ks_keras import compat
-from ks_keras.config import Config, save_config, validate_config
+from ks_keras.config import Config, TrainConfig, save_config, validate_config
 from ks_keras.training.callbacks import (
     BACKUP_DIR,
     BEST_WEIGHTS,
@@ -147,6 +147,97 @@ def _shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.with_options(options)
 
 
+def _check_train_val(
+    train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None, steps_per_epoch: int | None
+) -> tuple[tf.data.Dataset, tf.data.Dataset | None, int, bool]:
+    """`(train_ds, val_ds, steps_per_epoch, infinite)` with every finite cardinality known."""
+    infinite = (
+        isinstance(train_ds, tf.data.Dataset)
+        and int(train_ds.cardinality()) == tf.data.INFINITE_CARDINALITY
+    )
+    if infinite:
+        if (
+            isinstance(steps_per_epoch, bool)
+            or not isinstance(steps_per_epoch, int)
+            or (steps_per_epoch < 1)
+        ):
+            raise ValueError(
+                "steps_per_epoch: an infinite train_ds needs an integer >= 1, "
+                f"got {steps_per_epoch!r}"
+            )
+    else:
+        train_ds, steps_per_epoch = _with_known_cardinality(train_ds, "train_ds")
+    if val_ds is not None:
+        val_ds, _ = _with_known_cardinality(val_ds, "val_ds")
+    return train_ds, val_ds, steps_per_epoch, infinite
+
+
+def _build_and_compile(
+    model_builder: Callable[[], keras.Model],
+    strategy: tf.distribute.Strategy,
+    train_cfg: TrainConfig,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset | None,
+    steps_per_epoch: int,
+    n_classes: int,
+) -> keras.Model:
+    """The compiled model, built in `strategy.scope()`; the caller's dtype policy is restored."""
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        setup_precision_and_seeds(train_cfg)
+        with strategy.scope():
+            model = model_builder()
+            if not isinstance(model, keras.Model):
+                raise ValueError(
+                    f"model_builder: expected a keras.Model, got {type(model).__name__}"
+                )
+            _check_dataset_inputs(train_ds, model, "train_ds")
+            if val_ds is not None:
+                _check_dataset_inputs(val_ds, model, "val_ds")
+            compile_model(model, train_cfg, steps_per_epoch, n_classes)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return model
+
+
+def _fit_callbacks(
+    train_cfg: TrainConfig,
+    monitor: str,
+    run_dir: Path,
+    work_dir: Path,
+    is_chief: bool,
+    run_log: RunLog,
+    callbacks_extra: Sequence[keras.callbacks.Callback] | None,
+) -> list[keras.callbacks.Callback]:
+    callbacks: list[keras.callbacks.Callback] = []
+    if is_chief:
+        callbacks.append(
+            keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), profile_batch=0)
+        )
+    if train_cfg.early_stopping_patience > 0:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=monitor,
+                mode=monitor_mode(monitor),
+                patience=train_cfg.early_stopping_patience,
+            )
+        )
+    callbacks.extend(callbacks_extra or [])
+    # Order matters: the backup of an epoch is written after its log and checkpoint.
+    callbacks.append(run_log)
+    # One backup folder per worker: a shared HDF5 file would be locked by the other worker.
+    callbacks.append(SafeBackupAndRestore(work_dir / BACKUP_DIR))
+    return callbacks
+
+
+def _remove_worker_dir(work_dir: Path) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)
+    try:
+        work_dir.parent.rmdir()  # run_dir/workers, once every worker has cleaned up
+    except OSError:
+        pass
+
+
 def fit(
     model_builder: Callable[[], keras.Model],
     train_ds: tf.data.Dataset,
@@ -209,24 +300,9 @@ def fit(
             f"train.batch_size: the global batch ({train_cfg.batch_size}) must be at least the "
             f"number of replicas ({replicas})"
         )
-    infinite = (
-        isinstance(train_ds, tf.data.Dataset)
-        and int(train_ds.cardinality()) == tf.data.INFINITE_CARDINALITY
+    train_ds, val_ds, steps_per_epoch, infinite = _check_train_val(
+        train_ds, val_ds, steps_per_epoch
     )
-    if infinite:
-        if (
-            isinstance(steps_per_epoch, bool)
-            or not isinstance(steps_per_epoch, int)
-            or (steps_per_epoch < 1)
-        ):
-            raise ValueError(
-                "steps_per_epoch: an infinite train_ds needs an integer >= 1, "
-                f"got {steps_per_epoch!r}"
-            )
-    else:
-        train_ds, steps_per_epoch = _with_known_cardinality(train_ds, "train_ds")
-    if val_ds is not None:
-        val_ds, _ = _with_known_cardinality(val_ds, "val_ds")
 
     is_chief, worker_index = worker_role(strategy)
     run_dir = Path(run_dir)
@@ -241,21 +317,9 @@ def fit(
         if not is_chief:
             verbose = 0
 
-    previous_policy = keras.mixed_precision.global_policy()
-    try:
-        setup_precision_and_seeds(train_cfg)
-        with strategy.scope():
-            model = model_builder()
-            if not isinstance(model, keras.Model):
-                raise ValueError(
-                    f"model_builder: expected a keras.Model, got {type(model).__name__}"
-                )
-            _check_dataset_inputs(train_ds, model, "train_ds")
-            if val_ds is not None:
-                _check_dataset_inputs(val_ds, model, "val_ds")
-            compile_model(model, train_cfg, steps_per_epoch, n_classes)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+    model = _build_and_compile(
+        model_builder, strategy, train_cfg, train_ds, val_ds, steps_per_epoch, n_classes
+    )
 
     if train_cfg.mixup_alpha > 0:
         from ks_keras.mixup import mix_batches
@@ -265,24 +329,9 @@ def fit(
         class_weight = None
 
     run_log = RunLog(work_dir, monitor)
-    callbacks: list[keras.callbacks.Callback] = []
-    if is_chief:
-        callbacks.append(
-            keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), profile_batch=0)
-        )
-    if train_cfg.early_stopping_patience > 0:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=monitor,
-                mode=monitor_mode(monitor),
-                patience=train_cfg.early_stopping_patience,
-            )
-        )
-    callbacks.extend(callbacks_extra or [])
-    # Order matters: the backup of an epoch is written after its log and checkpoint.
-    callbacks.append(run_log)
-    # One backup folder per worker: a shared HDF5 file would be locked by the other worker.
-    callbacks.append(SafeBackupAndRestore(work_dir / BACKUP_DIR))
+    callbacks = _fit_callbacks(
+        train_cfg, monitor, run_dir, work_dir, is_chief, run_log, callbacks_extra
+    )
 
     model.fit(
         train_ds,
@@ -301,11 +350,7 @@ def fit(
             model.load_weights(run_log.weights_path)
     history = run_log.history()
     if not is_chief:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        try:
-            work_dir.parent.rmdir()  # run_dir/workers, once every worker has cleaned up
-        except OSError:
-            pass
+        _remove_worker_dir(work_dir)
     return FitResult(
         model=model,
         history=history,
