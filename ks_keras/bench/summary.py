@@ -19,6 +19,19 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 _Getter = Callable[..., Any]
 
 
+def _train_figures(get: _Getter, batches) -> dict[str, dict[str, Any]]:
+    """`{batch: {samples_per_s, step_s, peak_rss_gib}}` of the train measures that ran."""
+    return {
+        str(b): {
+            "samples_per_s": get(f"train_b{b}"),
+            "step_s": get(f"train_b{b}", "median_s"),
+            "peak_rss_gib": get(f"train_b{b}", "peak_rss_gib"),
+        }
+        for b in batches
+        if get(f"train_b{b}") is not None
+    }
+
+
 def _xla_comparison(get: _Getter, big: int, infer_batch: int, use_jit: bool) -> dict[str, Any]:
     flip = "off" if use_jit else "on"
     on_off = (lambda a, b: (a, b)) if use_jit else (lambda a, b: (b, a))
@@ -115,15 +128,7 @@ def _reference_summary(
         return None
     ref_latency = ref("latency_b1", "median_s")
     return {
-        "train": {
-            str(b): {
-                "samples_per_s": ref(f"train_b{b}"),
-                "step_s": ref(f"train_b{b}", "median_s"),
-                "peak_rss_gib": ref(f"train_b{b}", "peak_rss_gib"),
-            }
-            for b in p["train_batches"]
-            if ref(f"train_b{b}") is not None
-        },
+        "train": _train_figures(ref, p["train_batches"]),
         "trainable_params": next(
             (
                 r["trainable_params"]
@@ -196,14 +201,8 @@ def summarize(
         r = results.get(name)
         return None if r is None or "error" in r else r.get(key)
 
-    summary: dict[str, Any] = {"train": {}, "comparisons": {}, "vs_reference": {}}
-    for b in p["train_batches"]:
-        if get(f"train_b{b}") is not None:
-            summary["train"][str(b)] = {
-                "samples_per_s": get(f"train_b{b}"),
-                "step_s": get(f"train_b{b}", "median_s"),
-                "peak_rss_gib": get(f"train_b{b}", "peak_rss_gib"),
-            }
+    summary: dict[str, Any] = {"train": _train_figures(get, p["train_batches"])}
+    summary["comparisons"], summary["vs_reference"] = {}, {}
     params = next(
         (r["trainable_params"] for r in results.values() if "trainable_params" in r), None
     )
