@@ -13,8 +13,9 @@ one checkout against another by putting the other first on the path:
     PYTHONPATH=/path/to/old/checkout python scripts/train_step_ops.py --output old.txt
     PYTHONPATH=. python scripts/train_step_ops.py --output new.txt
 
-(the script imports only `ks_keras.config.ModelConfig` / `from_dict`, `ks_keras.model.build_model`
-and `ks_keras.training.FusedAdam`, which older checkouts have too). Issue 15 used it to show
+(the script imports only `ks_keras.config.ModelConfig` / `from_dict`, `ks_keras.model.build_model`,
+`ks_keras.training.FusedAdam` and `ks_keras.bench.synthetic_batch`, which older checkouts have
+too). Issue 15 used it to show
 that the refactor left the training step unchanged while the batch-16 timings moved by a few
 per cent (docs/performance.md).
 """
@@ -22,6 +23,7 @@ per cent (docs/performance.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import sys
@@ -64,39 +66,24 @@ def model_options(pairs: list[str]) -> dict:
     return options
 
 
-def synthetic_inputs(model, batch: int, audio_len: int, text_len: int):
-    """Random features, int32 masks with the second half of every sequence padded."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    inputs = {}
-    for spec in model.inputs:
-        length = audio_len if spec.name.startswith("audio") else text_len
-        shape = [batch, length, *([spec.shape[2]] if len(spec.shape) == 3 else [])]
-        if "mask" in spec.name:
-            mask = np.ones(shape, np.int32)
-            mask[:, length // 2 :] = 0
-            inputs[spec.name] = mask
-        else:
-            inputs[spec.name] = rng.normal(size=shape).astype(np.float32)
-    labels = np.arange(batch) % model.outputs[0].shape[-1]
-    return inputs, labels
-
-
 def step_operations(options: dict, batch: int, audio_len: int, text_len: int) -> list[str]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
 
+    from ks_keras.bench import synthetic_batch
     from ks_keras.config import ModelConfig, from_dict
     from ks_keras.model import build_model
     from ks_keras.training import FusedAdam
 
     keras.utils.set_random_seed(0)
-    model = build_model(from_dict(ModelConfig, options, "model"))
+    config = from_dict(ModelConfig, options, "model")
+    model = build_model(config)
     optimizer = FusedAdam(5e-4)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    inputs, labels = synthetic_inputs(model, batch, audio_len, text_len)
+    # The bench's random padded batch (the same helper at every commit since the bench began).
+    spec = {"model": dataclasses.asdict(config), "audio_len": audio_len, "text_len": text_len}
+    inputs, labels = synthetic_batch(spec, batch, seed=0)
 
     @tf.function
     def train_step(x, y):

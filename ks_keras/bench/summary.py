@@ -201,8 +201,11 @@ def summarize(
         r = results.get(name)
         return None if r is None or "error" in r else r.get(key)
 
-    summary: dict[str, Any] = {"train": _train_figures(get, p["train_batches"])}
-    summary["comparisons"], summary["vs_reference"] = {}, {}
+    summary: dict[str, Any] = {
+        "train": _train_figures(get, p["train_batches"]),
+        "comparisons": {},
+        "vs_reference": {},
+    }
     params = next(
         (r["trainable_params"] for r in results.values() if "trainable_params" in r), None
     )
