@@ -1,4 +1,5 @@
 """Seed ensembles: several models trained alike, averaged as probabilities, saved as one model.
+The same holds for checkpoint ensembles (`train.checkpoint_ensemble`: a model's best epochs).
 
 With a few hundred training utterances a single network's test score moves by up to ±0.15 UA
 with its random draws (initialisation, dropout, shuffling, augmentation). Averaging the class
@@ -70,3 +71,25 @@ def ensemble_members(model: keras.Model) -> list[keras.Model]:
     """The member models of an `ensemble_model` (or `[model]` for a single model)."""
     inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     return inner or [model]
+
+
+def checkpoint_copies(cfg, result, name: str) -> list[keras.Model]:
+    """Float32 copies (outside any strategy) of a `FitResult`'s best epoch, or of each of its
+    kept checkpoints, best first, under `train.checkpoint_ensemble` (named
+    `{name}_epoch_{N}`); wrap several with `ensemble_model`. The result's model holds the best
+    epoch's weights again afterwards."""
+    from ks_keras.model import build_model
+    from ks_keras.training import float32_copy
+
+    if not result.checkpoints:
+        return [float32_copy(lambda: build_model(cfg, name=name), result.model)]
+    out = []
+    for epoch, _, path in result.checkpoints:
+        result.load_weights(path)
+        out.append(
+            float32_copy(
+                lambda e=epoch: build_model(cfg, name=f"{name}_epoch_{e + 1}"), result.model
+            )
+        )
+    result.load_weights(result.best_weights_path)
+    return out

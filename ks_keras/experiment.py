@@ -191,6 +191,25 @@ class Experiment:
             rows = restore_order(rows, order)
         return rows
 
+    def predict_probabilities(
+        self, result, ids: Sequence[str], dataset=None, *, each: bool = False
+    ) -> np.ndarray:
+        """Class probabilities `[len(ids), C]` of a `FitResult`: the mean over its checkpoint
+        ensemble (`train.checkpoint_ensemble`), or its best epoch's alone. With `each`, the
+        probabilities of every checkpoint instead, best first (`[k, len(ids), C]`). The
+        model holds the best epoch's weights again afterwards."""
+        if not result.checkpoints:
+            probs = softmax_rows(self.predict(result.model, ids, dataset))
+            return probs[None] if each else probs
+        if dataset is None:
+            dataset = self.dataset(ids, False)
+        probs = []
+        for path in result.ensemble_weights:
+            result.load_weights(path)
+            probs.append(softmax_rows(self.predict(result.model, ids, dataset)))
+        result.load_weights(result.best_weights_path)
+        return np.stack(probs) if each else np.mean(probs, axis=0)
+
     def feature_metadata(self) -> dict[str, dict]:
         """`{modality: extractor metadata}` of the model's modalities (for the sidecar)."""
         extractors = self.cache.metadata.get("extractors", {})

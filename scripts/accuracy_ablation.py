@@ -92,6 +92,9 @@ def run(argv: list[str] | None = None) -> int:
         p = summary["pooled"]
         vals = [v for r in cv.results for v in r.val_values]
         val = f"{sum(vals) / len(vals):.3f}" if vals else "-"
+        ens = [v for r in cv.results for v in r.ensemble_val_values]
+        if ens:
+            val += f" (checkpoint ensemble {sum(ens) / len(ens):.3f})"
         comparison = summary.get("comparison") or {}
         boot = comparison.get("bootstrap")
         wins = f"{comparison['wins']}/{len(comparison['per_fold'])}" if comparison else "-"

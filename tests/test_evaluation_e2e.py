@@ -189,3 +189,63 @@ def test_a_rerun_reuses_finished_members_and_retrains_changed_ones(tmp_path):
     changed = run(_cfg(tmp_path, manifest, "train.epochs=1", "train.lr=1e-3"))
     assert not any("reused" in line for line in logs)
     assert changed.y_true.tolist() == first.y_true.tolist()
+
+
+def test_checkpoint_ensemble_averages_the_best_epochs_probabilities(tmp_path):
+    """`train.checkpoint_ensemble: 2`: test probabilities are the mean over the two best
+    epochs' checkpoints (kept per checkpoint in probabilities.npz); a re-run reuses them."""
+    manifest = _corpus(tmp_path, speakers=("a", "b", "c"), per_class=2)
+    cfg = _cfg(tmp_path, manifest, "train.epochs=3", "train.checkpoint_ensemble=2")
+    logs = []
+
+    def run(config=cfg):
+        logs.clear()
+        cv, _ = evaluate_corpus(
+            config,
+            tmp_path / "rep",
+            max_folds=1,
+            baseline=False,
+            progress=False,
+            verbose=0,
+            log=logs.append,
+        )
+        return cv.results[0]
+
+    result = run()
+    checkpoints = tmp_path / "rep" / "runs" / "repeat0_fold0" / "checkpoints"
+    top = json.loads((checkpoints / "top.json").read_text())
+    assert len(top) == 2 and len(list(checkpoints.glob("*.h5"))) == 2
+    assert top[0]["epoch"] == result.best_epoch and top[0]["value"] >= top[1]["value"]
+    saved = np.load(checkpoints / "probabilities.npz")
+    assert saved["test"].shape == (2, len(result.fold.test_ids), 2)
+    assert saved["val"].shape == (2, len(result.fold.val_ids), 2)
+    assert saved["test_ids"].tolist() == list(result.fold.test_ids)
+    assert saved["test_labels"].tolist() == result.y_true.tolist()
+    np.testing.assert_allclose(result.probs, saved["test"].mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(result.y_pred, saved["test"].mean(0).argmax(-1))
+    # The ensemble's validation UA is reported next to the best epoch's.
+    assert len(result.ensemble_val_values) == 1
+    assert any("2-checkpoint ensemble" in line for line in logs)
+    assert "2 best epochs averaged" in (tmp_path / "rep" / "results.txt").read_text()
+
+    again = run()
+    assert any("finished training reused" in line for line in logs)
+    np.testing.assert_allclose(again.probs, result.probs, rtol=1e-5, atol=1e-6)
+
+    # More checkpoints than were kept: trained again. Then fewer checkpoints and a second
+    # seed: member 1 is reused (its two best of three), only member 2 trains.
+    run(_cfg(tmp_path, manifest, "train.epochs=3", "train.checkpoint_ensemble=3"))
+    assert not any("reused" in line for line in logs)
+    assert len(json.loads((checkpoints / "top.json").read_text())) == 3
+    grown = run(
+        _cfg(
+            tmp_path, manifest, "train.epochs=3", "train.checkpoint_ensemble=2", "train.ensemble=2"
+        )
+    )
+    assert sum("finished training reused" in line for line in logs) == 1
+    first = np.load(checkpoints / "probabilities.npz")["test"]
+    second = np.load(
+        checkpoints.parent.parent / "repeat0_fold0_member1" / "checkpoints" / "probabilities.npz"
+    )["test"]
+    assert first.shape[0] == second.shape[0] == 2
+    np.testing.assert_allclose(grown.probs, (first.mean(0) + second.mean(0)) / 2, rtol=1e-6)

@@ -251,3 +251,29 @@ def test_speed_perturbed_training_extracts_variants_and_trains(tmp_path, capsys)
     assert variants == ["speed-0.9", "speed-1.1"]
     metrics = json.loads((run_dir / "val_metrics.json").read_text())
     assert np.sum(metrics["confusion"]) == 6  # validation: the 6 original utterances
+
+
+def test_checkpoint_ensemble_training_saves_the_mean_of_the_best_epochs(tmp_path, capsys):
+    from ks_keras.ensemble import ensemble_members
+
+    config = _config(
+        tmp_path, _write_corpus(tmp_path / "wav"), epochs=3, ensemble=2, checkpoint_ensemble=2
+    )
+    run_dir = tmp_path / "run"
+    rc = main(["train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "mean of epochs" in out
+    model = keras.saving.load_model(run_dir / "best.keras")
+    members = ensemble_members(model)
+    # Two seeds x two checkpoints, flat (one mean over four models), best epoch first.
+    names = [m.name for m in members]
+    assert len(names) == 4 and len(set(names)) == 4
+    assert [n.rsplit("_epoch_", 1)[0] for n in names] == ["member_1"] * 2 + ["member_2"] * 2
+    for folder, pair in ((run_dir, members[:2]), (run_dir / "member_2", members[2:])):
+        top = json.loads((folder / "checkpoints" / "top.json").read_text())
+        assert [m.name.rsplit("_", 1)[1] for m in pair] == [str(e["epoch"] + 1) for e in top]
+        check = keras.saving.load_model(run_dir / "best.keras").get_layer(pair[1].name)
+        check.load_weights(folder / "checkpoints" / top[1]["file"])
+        for a, b in zip(check.get_weights(), pair[1].get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)

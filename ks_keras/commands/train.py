@@ -67,11 +67,10 @@ def run_train(args) -> int:
 
 
 def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_speakers) -> int:
-    from ks_keras.ensemble import ensemble_model, member_seed
+    from ks_keras.ensemble import checkpoint_copies, ensemble_model, member_seed
     from ks_keras.experiment import Experiment
     from ks_keras.metrics import compute_metrics
-    from ks_keras.model import build_model
-    from ks_keras.training import float32_copy, worker_role
+    from ks_keras.training import worker_role
 
     # Global statistics from training speakers only; per-speaker statistics need every
     # speaker that will be normalised (labels are never used).
@@ -119,20 +118,19 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
 
     # A plain float32 copy of the best weights (no optimizer state, no strategy) for export,
     # prediction and the validation report; predicting with it needs no collective ops. An
-    # ensemble becomes one model averaging its members' probabilities.
-    plains = [
-        float32_copy(
-            lambda j=j: build_model(
-                cfg, name="ks_transformer" if n_members == 1 else f"member_{j + 1}"
-            ),
-            member.model,
-        )
+    # ensemble (of seeds and/or of each member's best epochs, `train.checkpoint_ensemble`)
+    # becomes one model averaging its members' probabilities.
+    copies = [
+        checkpoint_copies(cfg, member, "ks_transformer" if n_members == 1 else f"member_{j + 1}")
         for j, member in enumerate(results)
     ]
-    plain = plains[0] if n_members == 1 else ensemble_model(plains)
+    plains = [m for member_copies in copies for m in member_copies]
+    plain = plains[0] if len(plains) == 1 else ensemble_model(plains)
     # Under `rotate`, members 2.. trained on member 1's validation speakers: score member 1
     # alone there, so the validation figures stay held-out.
-    scored = plains[0] if n_members > 1 and cfg.train.ensemble_val == "rotate" else plain
+    scored = plain
+    if n_members > 1 and cfg.train.ensemble_val == "rotate":
+        scored = copies[0][0] if len(copies[0]) == 1 else ensemble_model(copies[0])
     pred = exp.predict(scored, val_ids, val_ds).argmax(-1)
     metrics = compute_metrics(corpus.label_ids(val_ids), pred, cfg.model.num_classes)
     normalizer = exp.normalizer
@@ -156,9 +154,17 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     print(
         f"best epoch {best}/{cfg.train.epochs} by {result.monitor}; validation speakers "
         f"({', '.join(val_speakers)}"
-        f"{'; member 1 alone' if scored is not plain else ''}): WA {metrics['wa']:.3f} UA {metrics['ua']:.3f} "
+        f"{'; member 1 alone' if scored is not plain else ''}"
+        f"{_checkpoint_note(results[0])}): WA {metrics['wa']:.3f} UA {metrics['ua']:.3f} "
         f"macro-F1 {metrics['macro_f1']:.3f}\nrun folder: {run_dir}"
         + (f"\nmodel: {run_dir / 'best.keras'}" if is_chief else ""),
         flush=True,
     )
     return 0
+
+
+def _checkpoint_note(result) -> str:
+    if not result.checkpoints:
+        return ""
+    epochs = ", ".join(str(e + 1) for e, _, _ in result.checkpoints)
+    return f"; mean of epochs {epochs}"

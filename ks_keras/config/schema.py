@@ -240,6 +240,10 @@ class TrainConfig:
     # every non-test speaker; each still picks its epoch on unseen speakers); fixed: all the
     # same validation speakers.
     ensemble_val: Literal["rotate", "fixed"] = "rotate"
+    # Checkpoint ensemble: keep the weights of this many best epochs (by validation UA) of
+    # each model and average their probabilities (`evaluate`, `demo` and `train`'s saved
+    # model); 1 = the best epoch alone.
+    checkpoint_ensemble: int = 1
     output_dir: str = "runs"
 
 

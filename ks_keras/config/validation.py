@@ -136,6 +136,12 @@ def validate_config(cfg: Config) -> None:
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", "an integer >= 0", t.warmup_epochs)
     _check(0 <= t.momentum < 1, "train.momentum", "a value in [0, 1)", t.momentum)
     _check(1 <= t.ensemble <= 100, "train.ensemble", "an integer in [1, 100]", t.ensemble)
+    _check(
+        1 <= t.checkpoint_ensemble <= max(t.epochs, 1),
+        "train.checkpoint_ensemble",
+        f"an integer in [1, train.epochs = {t.epochs}]",
+        t.checkpoint_ensemble,
+    )
     _check(t.mixup_alpha >= 0, "train.mixup_alpha", "a number >= 0 (0 = off)", t.mixup_alpha)
 
     e = cfg.eval

@@ -83,6 +83,9 @@ def results_table(cv: CVResult, summary: dict | None = None) -> str:
     lines.append(f"overall (pooled over folds, mean ± std over {cv.repeats} repeat(s)):")
     ensemble = cv.config.train.ensemble
     name = "KS-T + CCAB" if ensemble == 1 else f"KS-T + CCAB, {ensemble}-seed ensemble"
+    checkpoints = cv.config.train.checkpoint_ensemble
+    if checkpoints > 1:
+        name += f", {checkpoints} best epochs averaged" + (" each" if ensemble > 1 else "")
     lines.append(f"  {name}")
     lines.append(f"  {'':<12}  WA {_fmt(p['wa'])}   UA {_fmt(p['ua'])}   F1 {_fmt(p['macro_f1'])}")
     if cv.baseline:

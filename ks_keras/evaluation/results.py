@@ -35,6 +35,9 @@ class FoldResult:
     val_values: list[float] = field(default_factory=list)
     # Test-fold class probabilities [n_test, C] (the ensemble's mean).
     probs: np.ndarray | None = field(default=None, repr=False)
+    # Validation UA of each member's checkpoint ensemble (`train.checkpoint_ensemble` > 1,
+    # honest protocol), on the validation speakers its epochs were chosen on; else empty.
+    ensemble_val_values: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from ks_keras.corpora.manifest import Corpus
 from ks_keras.ensemble import member_seed
 from ks_keras.evaluation.attention import attention_examples, fold_normalizer
 from ks_keras.evaluation.results import CVResult, FoldResult
-from ks_keras.experiment import Experiment, check_classes, softmax_rows
+from ks_keras.experiment import Experiment, check_classes
 from ks_keras.folds import Fold, make_folds, rotate_validation
 from ks_keras.metrics import compute_metrics
 
@@ -164,14 +164,20 @@ def cross_validate(
                         member_exp, fold_cfg, member_fold, protocol, run_dir / "runs" / tag, verbose
                     )
                 )
+                if cfg.train.ensemble > 1 and members[-1][0].epochs_run == 0:
+                    log("      finished training reused")
             result = members[0][0]
-            probs = np.mean([p for _, p in members], axis=0)
+            probs = np.mean([p for _, p, _ in members], axis=0)
             y_true = np.array([label_of[i] for i in fold.test_ids])
             y_pred = np.argmax(probs, axis=-1)
             metrics = compute_metrics(y_true, y_pred, cfg.model.num_classes)
             seconds = time.perf_counter() - started
             best_values = [m[0].best_value for m in members if m[0].best_value is not None]
+            ensemble_values = [m[2] for m in members if m[2] is not None]
             val_note = f"val UA {np.mean(best_values):.3f}" if best_values else "no finite val UA"
+            if ensemble_values:
+                k = cfg.train.checkpoint_ensemble
+                val_note += f", {k}-checkpoint ensemble {np.mean(ensemble_values):.3f}"
             log(
                 f"    best epoch {None if result.best_epoch is None else result.best_epoch + 1}"
                 f" ({val_note}); test WA {metrics['wa']:.3f} "
@@ -196,6 +202,7 @@ def cross_validate(
                     seconds,
                     best_values,
                     probs,
+                    ensemble_values,
                 )
             )
             last_model = result.model
@@ -217,7 +224,8 @@ def cross_validate(
 
 def _fit_fold_member(exp: Experiment, fold_cfg: Config, fold: Fold, protocol, run_dir, verbose):
     """Train one model on a fold (reusing a finished one); returns `(FitResult, test
-    probabilities [n_test, C])`. `exp` carries the fold's normalisation statistics."""
+    probabilities [n_test, C], validation UA of its checkpoint ensemble or None)`. `exp`
+    carries the fold's normalisation statistics."""
     from ks_keras.training import write_json_atomic
 
     # Length-bucketed batches for training and prediction alike (test and validation
@@ -227,9 +235,38 @@ def _fit_fold_member(exp: Experiment, fold_cfg: Config, fold: Fold, protocol, ru
     identity = _member_identity(fold_cfg, fold, protocol)
     result = finished_member(fold_cfg, run_dir, identity)
     if result is None:
+        # A record of an earlier, different training must not outlive this one if it is
+        # killed: the folder is about to hold other weights.
+        (Path(run_dir) / FINISHED_FILE).unlink(missing_ok=True)
         result = exp.fit(fold_cfg, fold.train_ids, val_ds, run_dir, verbose=verbose)
         write_json_atomic(Path(run_dir) / FINISHED_FILE, identity)
-    return result, softmax_rows(exp.predict(result.model, fold.test_ids, test_ds))
+    if not result.checkpoints:
+        return result, exp.predict_probabilities(result, fold.test_ids, test_ds), None
+    # Checkpoint ensemble: every checkpoint's probabilities are kept next to the checkpoints
+    # (`probabilities.npz`: `test`, `val` [k, n, C], best first, and the ids), so the effect
+    # of k can be read from one run (`scripts/checkpoint_ensemble_sweep.py`).
+    test_each = exp.predict_probabilities(result, fold.test_ids, test_ds, each=True)
+    arrays = {
+        "test": test_each,
+        "test_ids": np.array(fold.test_ids),
+        "test_labels": np.array(exp.labels_of(fold.test_ids)),
+    }
+    val_ua = None
+    if protocol == "honest" and fold.val_ids:
+        # The checkpoint ensemble's own validation UA (its epochs were chosen on these
+        # speakers, so it is optimistic like the best epoch's value, but comparable to it).
+        val_each = exp.predict_probabilities(result, fold.val_ids, val_ds, each=True)
+        arrays.update(
+            val=val_each,
+            val_ids=np.array(fold.val_ids),
+            val_labels=np.array(exp.labels_of(fold.val_ids)),
+        )
+        n = exp.cfg.model.num_classes
+        val_pred = val_each.mean(0).argmax(-1)
+        val_ua = compute_metrics(exp.labels_of(fold.val_ids), val_pred, n)["ua"]
+    if result.checkpoints[0][2].parent.is_dir():
+        np.savez(result.checkpoints[0][2].parent / "probabilities.npz", **arrays)
+    return result, test_each.mean(0), val_ua
 
 
 # A member's run folder gets this record once its training has finished; a re-run of the same
@@ -255,14 +292,61 @@ def _member_identity(fold_cfg: Config, fold: Fold, protocol: str) -> dict:
     }
 
 
+# Config keys that do not change what one member trains: how many seeds or checkpoints are
+# combined, and bookkeeping (the member's own utterances and protocol are compared
+# separately). A finished member is reused across them, so growing an ensemble from 3 to 5
+# seeds trains only the new members, and a run that kept k checkpoints serves any k' <= k.
+MEMBER_NEUTRAL_KEYS = (
+    "train.ensemble",
+    "train.ensemble_val",
+    "train.checkpoint_ensemble",
+    "train.output_dir",
+    "features.cache_dir",
+    "eval",
+    "export",
+)
+
+
+def _training_part(config: dict) -> dict:
+    """A config dict without `MEMBER_NEUTRAL_KEYS`."""
+    out = {
+        section: dict(values) if isinstance(values, dict) else values
+        for section, values in config.items()
+    }
+    for key in MEMBER_NEUTRAL_KEYS:
+        section, _, name = key.partition(".")
+        if not name:
+            out.pop(section, None)
+        elif isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
+
+
+def _saved_training_config(run_dir: Path) -> dict | None:
+    """The config a finished member was trained with (its `config.yaml`), as a dict."""
+    import yaml
+
+    from ks_keras.config import from_dict
+
+    try:
+        return from_dict(
+            Config, yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        ).to_dict()
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
 def finished_member(fold_cfg: Config, run_dir: str | Path, identity: dict):
     """The `FitResult` of a member that already finished in `run_dir`, or None.
 
-    Reused only when its `finished.json` matches `identity` (same config, same train,
-    validation and test utterances) and its best weights, best epoch and history are there.
+    Reused only when its `finished.json` names the same protocol and the same train,
+    validation and test utterances as `identity`, it was trained with the same config up to
+    `MEMBER_NEUTRAL_KEYS`, it kept at least the `train.checkpoint_ensemble` checkpoints asked
+    for, and its best weights, best epoch and history are there.
     """
     from ks_keras.model import build_model
     from ks_keras.training import BEST_WEIGHTS, FitResult, history_columns
+    from ks_keras.training.loop import top_checkpoints
 
     run_dir = Path(run_dir)
     try:
@@ -271,7 +355,21 @@ def finished_member(fold_cfg: Config, run_dir: str | Path, identity: dict):
         epochs = json.loads((run_dir / "history.json").read_text())
     except (OSError, ValueError):
         return None
-    if record != identity or not (run_dir / BEST_WEIGHTS).is_file():
+    if not isinstance(record, dict) or any(
+        record.get(k) != v for k, v in identity.items() if k != "config"
+    ):
+        return None
+    kept = fold_cfg.train.checkpoint_ensemble
+    if record.get("config") != identity["config"]:
+        saved = _saved_training_config(run_dir)
+        if saved is None or _training_part(saved) != _training_part(fold_cfg.to_dict()):
+            return None
+        kept = saved["train"]["checkpoint_ensemble"]
+    wanted = fold_cfg.train.checkpoint_ensemble
+    if not (run_dir / BEST_WEIGHTS).is_file() or (wanted > 1 and kept < wanted):
+        return None
+    checkpoints = top_checkpoints(run_dir)[:wanted] if wanted > 1 else []
+    if wanted > 1 and not checkpoints:
         return None
     model = build_model(fold_cfg)
     try:
@@ -279,6 +377,7 @@ def finished_member(fold_cfg: Config, run_dir: str | Path, identity: dict):
     except Exception:  # torn or foreign weights: train again
         return None
     return FitResult(
+        checkpoints=checkpoints,
         model=model,
         history=history_columns(epochs),
         best_epoch=best.get("epoch"),

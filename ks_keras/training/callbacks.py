@@ -15,6 +15,10 @@ from ks_keras.config import Config, from_dict
 from ks_keras.files import read_utf8
 
 BEST_WEIGHTS = "best.weights.h5"
+# `train.checkpoint_ensemble: k > 1`: the k best epochs' weights (by the monitor) are kept
+# here as `epoch_NNN.weights.h5`, listed best first in `top.json`.
+CHECKPOINT_DIR = "checkpoints"
+TOP_RECORD = "top.json"
 BACKUP_DIR = "backup"
 # Config keys that may change between a killed run and its resume: bookkeeping and where
 # things are, not what is trained.
@@ -50,9 +54,12 @@ class RunLog(keras.callbacks.Callback):
     `best.weights.h5`) and reloads them when training resumes at an epoch > 0; a run that
     starts at epoch 0 starts a fresh log. Place it before `BackupAndRestore`, so that a
     backup never claims an epoch whose log and checkpoint are missing.
+
+    With `keep > 1` it also keeps the weights of the `keep` best epochs (`TopCheckpoints`)
+    for a checkpoint ensemble.
     """
 
-    def __init__(self, directory: str | Path, monitor: str):
+    def __init__(self, directory: str | Path, monitor: str, keep: int = 1):
         super().__init__()
         self.directory = Path(directory)
         self.monitor = monitor
@@ -61,6 +68,7 @@ class RunLog(keras.callbacks.Callback):
         self.best: dict[str, Any] | None = None
         self.initial_epoch: int | None = None
         self.epochs_run = 0
+        self.top = TopCheckpoints(self.directory / CHECKPOINT_DIR, self.mode, keep)
 
     @property
     def history_path(self) -> Path:
@@ -83,7 +91,9 @@ class RunLog(keras.callbacks.Callback):
             for stale in (self.history_path, self.best_path, self.weights_path):
                 stale.unlink(missing_ok=True)
             _tmp_weights(self.weights_path).unlink(missing_ok=True)
+            self.top.reset()
             return
+        self.top.reload(epoch)
         # Resumed by BackupAndRestore: keep what the finished epochs logged.
         if self.history_path.is_file():
             for entry in json.loads(self.history_path.read_text()):
@@ -141,11 +151,97 @@ class RunLog(keras.callbacks.Callback):
         if self._improved(value):
             self.best = {"epoch": epoch, "monitor": self.monitor, "value": value}
             commit_weights(self.model, self.weights_path, self.best_path, self.best)
+        self.top.offer(self.model, epoch, value)
         write_json_atomic(self.history_path, [self.entries[e] for e in sorted(self.entries)])
 
     def history(self) -> dict[str, list[float]]:
         """Logged values as `{name: [value per epoch]}` over every epoch so far."""
         return history_columns([self.entries[e] for e in sorted(self.entries)])
+
+
+class TopCheckpoints:
+    """The weights of the `keep` best epochs (by a monitored value), on disk, crash-safe.
+
+    Files are `epoch_NNN.weights.h5` (1-based epoch) in `directory`; `top.json` lists the
+    kept ones best first (`[{"epoch": 0-based, "value": v, "file": name}, …]`). A new file is
+    written completely before the record names it, and an evicted file is deleted only after
+    the record stops naming it, so a kill leaves at worst an unlisted file, which `reload`
+    deletes. Ties keep the earlier epoch (as the best-epoch checkpoint does). `keep <= 1`
+    writes nothing.
+    """
+
+    def __init__(self, directory: Path, mode: str, keep: int):
+        self.directory = Path(directory)
+        self.mode = mode
+        self.keep = int(keep)
+        self.entries: list[dict[str, Any]] = []
+
+    @property
+    def record_path(self) -> Path:
+        return self.directory / TOP_RECORD
+
+    def reset(self) -> None:
+        """A fresh run: forget and delete every kept checkpoint."""
+        self.entries = []
+        if self.directory.is_dir():
+            for stale in self.directory.glob("*.h5"):
+                stale.unlink()
+            self.record_path.unlink(missing_ok=True)
+
+    def reload(self, epoch: int) -> None:
+        """A run resumed at `epoch`: the record's checkpoints of earlier epochs whose files
+        exist; other files (later epochs are trained again) go."""
+        self.entries = [e for e in read_top_checkpoints(self.directory) if e["epoch"] < epoch]
+        listed = {e["file"] for e in self.entries}
+        if self.directory.is_dir():
+            for stray in self.directory.glob("*.h5"):
+                if stray.name not in listed:
+                    stray.unlink()
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def offer(self, model: keras.Model, epoch: int, value: float) -> None:
+        """Keep `model`'s weights of `epoch` if `value` is among the `keep` best so far."""
+        if self.keep <= 1 or not math.isfinite(value):
+            return
+        full = len(self.entries) >= self.keep
+        if full and not self._better(value, self.entries[-1]["value"]):
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"epoch_{epoch + 1:03d}.weights.h5"
+        final = self.directory / name
+        tmp = _tmp_weights(final)
+        model.save_weights(tmp, overwrite=True)
+        os.replace(tmp, final)
+        entry = {"epoch": int(epoch), "value": float(value), "file": name}
+        position = next(
+            (i for i, e in enumerate(self.entries) if self._better(value, e["value"])),
+            len(self.entries),
+        )
+        entries = self.entries[:position] + [entry] + self.entries[position:]
+        evicted = entries[self.keep :]
+        self.entries = entries[: self.keep]
+        write_json_atomic(self.record_path, self.entries)
+        for e in evicted:
+            (self.directory / e["file"]).unlink(missing_ok=True)
+
+
+def read_top_checkpoints(directory: str | Path) -> list[dict[str, Any]]:
+    """`TopCheckpoints`' record in `directory` (best first), keeping entries whose file
+    exists; `[]` when there is none or it is unreadable."""
+    directory = Path(directory)
+    try:
+        entries = json.loads(read_utf8(directory / TOP_RECORD))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(entries, list):
+        return []
+    return [
+        e
+        for e in entries
+        if isinstance(e, dict) and "file" in e and (directory / str(e["file"])).is_file()
+    ]
 
 
 def history_columns(entries: list[dict]) -> dict[str, list[float]]:

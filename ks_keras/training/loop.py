@@ -18,10 +18,12 @@ from ks_keras.config import Config, TrainConfig, save_config, validate_config
 from ks_keras.training.callbacks import (
     BACKUP_DIR,
     BEST_WEIGHTS,
+    CHECKPOINT_DIR,
     RunLog,
     SafeBackupAndRestore,
     check_resume_config,
     monitor_mode,
+    read_top_checkpoints,
 )
 from ks_keras.training.optimizer import compile_model
 from ks_keras.training.precision import setup_precision_and_seeds
@@ -50,6 +52,8 @@ class FitResult:
         initial_epoch: the epoch this call started at (> 0 after a resume).
         epochs_run: epochs trained by this call.
         strategy: the distribution strategy used.
+        checkpoints: with `train.checkpoint_ensemble: k > 1`, the weight files of the k best
+            epochs, best first (`[(0-based epoch, monitored value, path)]`); else empty.
     """
 
     model: keras.Model
@@ -61,10 +65,26 @@ class FitResult:
     initial_epoch: int
     epochs_run: int
     strategy: Any = field(repr=False, default=None)
+    checkpoints: list[tuple[int, float, Path]] = field(default_factory=list)
 
     @property
     def best_weights_path(self) -> Path:
         return self.run_dir / BEST_WEIGHTS
+
+    @property
+    def ensemble_weights(self) -> list[Path]:
+        """The weight files a checkpoint ensemble averages: the kept epochs' checkpoints, or
+        the best epoch's alone."""
+        return [path for _, _, path in self.checkpoints] or [self.best_weights_path]
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a weights file (e.g. one of `checkpoints`) into `model`, in its strategy's
+        scope; `load_weights(best_weights_path)` restores the best epoch."""
+        if self.strategy is None:
+            self.model.load_weights(path)
+        else:
+            with self.strategy.scope():
+                self.model.load_weights(path)
 
 
 def _check_monitor(monitor: str, has_val: bool) -> None:
@@ -328,7 +348,7 @@ def fit(
         train_ds = mix_batches(train_ds, train_cfg.mixup_alpha, train_cfg.seed, class_weight)
         class_weight = None
 
-    run_log = RunLog(work_dir, monitor)
+    run_log = RunLog(work_dir, monitor, keep=train_cfg.checkpoint_ensemble)
     callbacks = _fit_callbacks(
         train_cfg, monitor, run_dir, work_dir, is_chief, run_log, callbacks_extra
     )
@@ -361,4 +381,14 @@ def fit(
         initial_epoch=run_log.initial_epoch or 0,
         epochs_run=run_log.epochs_run,
         strategy=strategy,
+        checkpoints=top_checkpoints(run_dir) if train_cfg.checkpoint_ensemble > 1 else [],
     )
+
+
+def top_checkpoints(run_dir: str | Path) -> list[tuple[int, float, Path]]:
+    """The kept checkpoints of a run folder, best first: `[(epoch, value, path)]`."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    return [
+        (int(e["epoch"]), float(e["value"]), directory / e["file"])
+        for e in read_top_checkpoints(directory)
+    ]

@@ -13,9 +13,10 @@ import numpy as np
 import tensorflow as tf
 
 from ks_keras.config import Config
+from ks_keras.ensemble import checkpoint_copies, ensemble_model
 from ks_keras.metrics import compute_metrics
 from ks_keras.model import build_model
-from ks_keras.training import fit, float32_copy
+from ks_keras.training import fit
 from ks_keras.tuning.hypermodel import materialize
 from ks_keras.tuning.search import FINAL_FILE, SearchResult
 from ks_keras.tuning.space import OBJECTIVE
@@ -150,8 +151,10 @@ def finish_search(
         verbose=verbose,
         strategy=result.strategy,
     )
-    # Saved, tested and exported as `ks-keras train` does: a float32 copy outside the strategy.
-    model = float32_copy(lambda: build_model(cfg), fitted.model)
+    # Saved, tested and exported as `ks-keras train` does: a float32 copy outside the strategy
+    # (of each kept checkpoint under `train.checkpoint_ensemble`, averaged).
+    copies = checkpoint_copies(cfg, fitted, "ks_transformer")
+    model = copies[0] if len(copies) == 1 else ensemble_model(copies)
     y_true, y_pred = _predict(model, data.test_ds)
     metrics = compute_metrics(y_true, y_pred, cfg.model.num_classes)
     test = {k: float(metrics[k]) for k in ("wa", "ua", "macro_f1")}

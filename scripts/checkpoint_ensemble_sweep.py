@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""How many checkpoints to average, read from one evaluation run (no training).
+
+A run with `train.checkpoint_ensemble: K` keeps, for every fold member, the probabilities of
+its K best epochs (by validation UA) on its validation and test utterances
+(`runs/<tag>/checkpoints/probabilities.npz`). This script averages the k best of them for
+k = 1..K and prints, per k, the mean validation UA of the members' k-checkpoint ensembles
+(what k should be chosen on) next to the pooled test UA (mean ± std over repeats), the folds
+won against the report's baseline and the paired bootstrap interval of the UA difference.
+k = 1 is the best epoch alone, so the table's first row is the run without averaging.
+
+Example:
+    python scripts/checkpoint_ensemble_sweep.py reports/accuracy_ablation/variant_0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+TAG = re.compile(r"^repeat(\d+)_fold(\d+)(?:_member(\d+))?$")
+
+
+def load_members(report_dir: Path) -> dict[tuple[int, int], list[dict]]:
+    """`{(repeat, fold index): [member arrays]}` from a report folder's runs."""
+    out: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for path in sorted((report_dir / "runs").glob("*/checkpoints/probabilities.npz")):
+        match = TAG.match(path.parent.parent.name)
+        if not match:
+            continue
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+        out[(int(match[1]), int(match[2]))].append(arrays)
+    if not out:
+        raise SystemExit(
+            f"{report_dir}: no runs/*/checkpoints/probabilities.npz; evaluate with "
+            "`--set train.checkpoint_ensemble=K` (K > 1) first"
+        )
+    return out
+
+
+def sweep(report_dir: Path) -> list[dict]:
+    """One row per k: validation UA, pooled test UA per repeat, wins and bootstrap."""
+    from ks_keras.stats import paired_bootstrap_ua, sign_test, unweighted_recall
+
+    members = load_members(report_dir)
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    n_classes = len(metrics["labels"])
+    baseline = metrics.get("baseline") or {}
+    base_pred = {int(k): np.asarray(v) for k, v in (baseline.get("predictions") or {}).items()}
+    base_ua = {int(k): v["ua"] for k, v in (baseline.get("folds") or {}).items()}
+    repeats = sorted({r for r, _ in members})
+    folds = sorted({f for _, f in members})
+    kmax = min(m["test"].shape[0] for ms in members.values() for m in ms)
+    rows = []
+    for k in range(1, kmax + 1):
+        val = [
+            unweighted_recall(m["val_labels"], m["val"][:k].mean(0).argmax(-1), n_classes)
+            for ms in members.values()
+            for m in ms
+            if "val" in m
+        ]
+        pred = {
+            key: np.mean([m["test"][:k].mean(0) for m in ms], axis=0).argmax(-1)
+            for key, ms in members.items()
+        }
+        truth = {key: ms[0]["test_labels"] for key, ms in members.items()}
+        pooled = []
+        for r in repeats:
+            keys = [(r, f) for f in folds if (r, f) in pred]
+            y = np.concatenate([truth[key] for key in keys])
+            p = np.concatenate([pred[key] for key in keys])
+            pooled.append(unweighted_recall(y, p, n_classes))
+        row = {"k": k, "val_ua": float(np.mean(val)) if val else None, "ua": pooled}
+        if base_ua and all(f in base_ua for f in folds):
+            fold_ua = {
+                f: np.mean(
+                    [unweighted_recall(truth[(r, f)], pred[(r, f)], n_classes) for r in repeats]
+                )
+                for f in folds
+            }
+            wins = sum(fold_ua[f] > base_ua[f] + 1e-9 for f in folds)
+            losses = sum(fold_ua[f] < base_ua[f] - 1e-9 for f in folds)
+            row.update(wins=int(wins), n_folds=len(folds), sign_p=sign_test(wins, losses))
+            if all((r, f) in pred for r in repeats for f in folds) and base_pred:
+                y = np.concatenate([truth[(repeats[0], f)] for f in folds])
+                model = np.stack([np.concatenate([pred[(r, f)] for f in folds]) for r in repeats])
+                base = np.concatenate([base_pred[f] for f in folds])
+                groups = np.concatenate([np.full(len(truth[(repeats[0], f)]), f) for f in folds])
+                row["bootstrap"] = paired_bootstrap_ua(y, model, base, n_classes, groups=groups)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| checkpoints averaged (k) | val UA | UA (pooled) | folds > baseline | "
+        "UA − baseline [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ua = np.asarray(row["ua"])
+        boot = row.get("bootstrap")
+        ci = f"{boot['diff']:+.3f} [{boot['low']:+.3f}, {boot['high']:+.3f}]" if boot else "-"
+        wins = f"{row['wins']}/{row['n_folds']}" if "wins" in row else "-"
+        val = "-" if row["val_ua"] is None else f"{row['val_ua']:.3f}"
+        lines.append(f"| {row['k']} | {val} | {ua.mean():.3f} ± {ua.std():.3f} | {wins} | {ci} |")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("report_dir", type=Path, help="an evaluate/demo/ablation report folder")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    rows = sweep(args.report_dir)
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

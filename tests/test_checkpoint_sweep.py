@@ -1,0 +1,82 @@
+"""scripts/checkpoint_ensemble_sweep.py on a synthetic report folder (no training)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "checkpoint_ensemble_sweep", ROOT / "scripts" / "checkpoint_ensemble_sweep.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _onehot(pred, n=3, sure=0.8):
+    probs = np.full((len(pred), n), (1 - sure) / (n - 1))
+    probs[np.arange(len(pred)), pred] = sure
+    return probs
+
+
+def _write(report, tag, test_preds, val_preds, labels, val_labels):
+    folder = report / "runs" / tag / "checkpoints"
+    folder.mkdir(parents=True)
+    np.savez(
+        folder / "probabilities.npz",
+        test=np.stack([_onehot(p) for p in test_preds]),
+        test_ids=np.array([f"u{i}" for i in range(len(labels))]),
+        test_labels=np.array(labels),
+        val=np.stack([_onehot(p) for p in val_preds]),
+        val_ids=np.array([f"v{i}" for i in range(len(val_labels))]),
+        val_labels=np.array(val_labels),
+    )
+
+
+def test_sweep_averages_the_k_best_checkpoints(tmp_path, capsys):
+    labels, val_labels = [0, 1, 2, 0], [0, 1, 2]
+    # Checkpoint 1 (the best epoch) gets one test utterance wrong; checkpoints 2 and 3 are
+    # right there, so k = 3 (a majority of the mean) fixes it; k = 2 ties 0.8/0.8 -> argmax.
+    best = [0, 1, 2, 1]
+    right = [0, 1, 2, 0]
+    for r in (0, 1):
+        for f in (0, 1):
+            _write(
+                tmp_path,
+                f"repeat{r}_fold{f}",
+                [best, right, right],
+                [[0, 1, 2]] * 3,
+                labels,
+                val_labels,
+            )
+    baseline = {
+        "folds": {"0": {"ua": 0.9}, "1": {"ua": 0.9}},
+        "predictions": {"0": [0, 1, 2, 2], "1": [0, 1, 2, 2]},
+    }
+    (tmp_path / "metrics.json").write_text(
+        json.dumps({"labels": ["a", "b", "c"], "baseline": baseline})
+    )
+    module = _script()
+    rows = module.sweep(tmp_path)
+    assert [row["k"] for row in rows] == [1, 2, 3]
+    ua_best = np.mean([1.0, 0.5, 1.0])  # class 0: 1 of 2 right
+    assert rows[0]["ua"] == pytest.approx([ua_best, ua_best])
+    assert rows[2]["ua"] == pytest.approx([1.0, 1.0])
+    assert rows[0]["val_ua"] == pytest.approx(1.0)
+    assert rows[0]["wins"] == 0 and rows[2]["wins"] == 2 and rows[2]["n_folds"] == 2
+    assert rows[2]["bootstrap"]["diff"] > 0
+    assert module.run([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 | 1.000 | 1.000 ± 0.000 | 2/2 |" in out
+
+
+def test_sweep_without_kept_checkpoints_says_what_to_do(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit, match="checkpoint_ensemble"):
+        _script().sweep(tmp_path)
