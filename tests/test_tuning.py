@@ -456,6 +456,26 @@ def test_best_model_retrained_tested_and_exported(searched, tmp_path):
     assert not (tmp_path / "saved_models" / "tuned" / "2").exists()
 
 
+def test_final_model_averages_the_kept_checkpoints(searched, tmp_path):
+    """`train.checkpoint_ensemble: 2` in the best config: the retrained model that is tested
+    and saved averages its two best epochs."""
+    from dataclasses import replace
+
+    import keras
+
+    from ks_keras.ensemble import ensemble_members
+
+    _, data, _, _, result = searched
+    cfg = result.best_config
+    cfg = replace(cfg, train=replace(cfg.train, epochs=2, checkpoint_ensemble=2))
+    moved = replace(result, project_dir=tmp_path / "project", best_config=cfg)
+    moved.project_dir.mkdir()
+    final = tuning.finish_search(moved, data, export=False, verbose=0)
+    model = keras.saving.load_model(final.model_path)
+    names = sorted(m.name for m in ensemble_members(model))
+    assert names == ["ks_transformer_epoch_1", "ks_transformer_epoch_2"]
+
+
 def test_hyperband_search_continues_trials_and_resumes(tmp_path):
     space = {
         "hyperparameters": {
