@@ -5,9 +5,18 @@ A run with `train.checkpoint_ensemble: K` keeps, for every fold member, the prob
 its K best epochs (by validation UA) on its validation and test utterances
 (`runs/<tag>/checkpoints/probabilities.npz`). This script averages the k best of them for
 k = 1..K and prints, per k, the mean validation UA of the members' k-checkpoint ensembles
-(what k should be chosen on) next to the pooled test UA (mean ± std over repeats), the folds
-won against the report's baseline and the paired bootstrap interval of the UA difference.
-k = 1 is the best epoch alone, so the table's first row is the run without averaging.
+next to the pooled test UA (mean ± std over repeats), the folds won against the report's
+baseline and the paired bootstrap interval of the UA difference. k = 1 is the best epoch
+alone, so the table's first row is the run without averaging.
+
+The plain validation UA favours k = 1 by construction (the best epoch is the maximum of
+validation UA over epochs; an average of k checkpoints is not). What k should be chosen on is
+the **cross-fitted** validation UA: with two or more validation speakers, the k checkpoints
+are ranked on the other validation speakers and scored on the held-out one, for each speaker
+in turn (the kept checkpoints themselves were chosen on all validation speakers, a leak that
+is the same for every k). It needs the validation speakers of each utterance: stored by
+ks_keras since the sweep was added, or given with `--manifest` (ids = the manifest's `id`
+column or file names without extension).
 
 Example:
     python scripts/checkpoint_ensemble_sweep.py reports/accuracy_ablation/variant_0
@@ -45,13 +54,51 @@ def load_members(report_dir: Path) -> dict[tuple[int, int], list[dict]]:
     return out
 
 
-def sweep(report_dir: Path) -> list[dict]:
+def _speakers_from_manifest(manifest: Path) -> dict[str, str]:
+    import csv
+
+    with open(manifest, newline="", encoding="utf-8") as f:
+        return {
+            (row.get("id") or "").strip() or Path(row["path"]).stem: row["speaker"].strip()
+            for row in csv.DictReader(f)
+        }
+
+
+def cross_fitted_ua(member: dict, k: int, n_classes: int) -> float | None:
+    """Mean over validation speakers s of: the k kept checkpoints best on the other validation
+    speakers (by their UA), averaged, scored on s. None with fewer than two speakers."""
+    from ks_keras.stats import unweighted_recall
+
+    speakers = member.get("val_speakers")
+    if speakers is None or len(set(speakers.tolist())) < 2:
+        return None
+    probs, labels = member["val"], member["val_labels"]
+    scores = []
+    for held_out in sorted(set(speakers.tolist())):
+        rank_on, score_on = speakers != held_out, speakers == held_out
+        ua = [unweighted_recall(labels[rank_on], p[rank_on].argmax(-1), n_classes) for p in probs]
+        # Stable: ties keep the overall (best-first) order.
+        chosen = sorted(range(len(ua)), key=lambda i: -ua[i])[:k]
+        pred = probs[chosen].mean(0)[score_on].argmax(-1)
+        scores.append(unweighted_recall(labels[score_on], pred, n_classes))
+    return float(np.mean(scores))
+
+
+def sweep(report_dir: Path, manifest: Path | None = None) -> list[dict]:
     """One row per k: validation UA, pooled test UA per repeat, wins and bootstrap."""
     from ks_keras.stats import paired_bootstrap_ua, sign_test, unweighted_recall
 
     members = load_members(report_dir)
-    metrics = json.loads((report_dir / "metrics.json").read_text())
-    n_classes = len(metrics["labels"])
+    if manifest is not None:
+        speaker_of = _speakers_from_manifest(manifest)
+        for ms in members.values():
+            for m in ms:
+                if "val_ids" in m and "val_speakers" not in m:
+                    m["val_speakers"] = np.array([speaker_of[str(i)] for i in m["val_ids"]])
+    # The report's metrics.json gives the baseline (absent while the run is still going).
+    metrics_path = report_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    n_classes = next(iter(members.values()))[0]["test"].shape[-1]
     baseline = metrics.get("baseline") or {}
     base_pred = {int(k): np.asarray(v) for k, v in (baseline.get("predictions") or {}).items()}
     base_ua = {int(k): v["ua"] for k, v in (baseline.get("folds") or {}).items()}
@@ -77,7 +124,14 @@ def sweep(report_dir: Path) -> list[dict]:
             y = np.concatenate([truth[key] for key in keys])
             p = np.concatenate([pred[key] for key in keys])
             pooled.append(unweighted_recall(y, p, n_classes))
-        row = {"k": k, "val_ua": float(np.mean(val)) if val else None, "ua": pooled}
+        crossed = [cross_fitted_ua(m, k, n_classes) for ms in members.values() for m in ms]
+        crossed = [c for c in crossed if c is not None]
+        row = {
+            "k": k,
+            "val_ua": float(np.mean(val)) if val else None,
+            "val_ua_cross": float(np.mean(crossed)) if crossed else None,
+            "ua": pooled,
+        }
         if base_ua and all(f in base_ua for f in folds):
             fold_ua = {
                 f: np.mean(
@@ -100,9 +154,9 @@ def sweep(report_dir: Path) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| checkpoints averaged (k) | val UA | UA (pooled) | folds > baseline | "
-        "UA − baseline [95% CI] |",
-        "|---|---|---|---|---|",
+        "| checkpoints averaged (k) | val UA, cross-fitted | val UA | UA (pooled) | "
+        "folds > baseline | UA − baseline [95% CI] |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         ua = np.asarray(row["ua"])
@@ -110,16 +164,21 @@ def markdown(rows: list[dict]) -> str:
         ci = f"{boot['diff']:+.3f} [{boot['low']:+.3f}, {boot['high']:+.3f}]" if boot else "-"
         wins = f"{row['wins']}/{row['n_folds']}" if "wins" in row else "-"
         val = "-" if row["val_ua"] is None else f"{row['val_ua']:.3f}"
-        lines.append(f"| {row['k']} | {val} | {ua.mean():.3f} ± {ua.std():.3f} | {wins} | {ci} |")
+        cross = "-" if row["val_ua_cross"] is None else f"{row['val_ua_cross']:.3f}"
+        cells = [str(row["k"]), cross, val, f"{ua.mean():.3f} ± {ua.std():.3f}", wins, ci]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report_dir", type=Path, help="an evaluate/demo/ablation report folder")
+    parser.add_argument(
+        "--manifest", type=Path, help="speakers of the validation ids, for runs that lack them"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    rows = sweep(args.report_dir)
+    rows = sweep(args.report_dir, args.manifest)
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=float))

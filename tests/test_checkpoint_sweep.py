@@ -73,10 +73,31 @@ def test_sweep_averages_the_k_best_checkpoints(tmp_path, capsys):
     assert rows[2]["bootstrap"]["diff"] > 0
     assert module.run([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| 3 | 1.000 | 1.000 ± 0.000 | 2/2 |" in out
+    assert "| 3 | - | 1.000 | 1.000 ± 0.000 | 2/2 |" in out
 
 
 def test_sweep_without_kept_checkpoints_says_what_to_do(tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(SystemExit, match="checkpoint_ensemble"):
         _script().sweep(tmp_path)
+
+
+def test_cross_fitted_validation_ranks_on_one_speaker_and_scores_on_the_other():
+    # Speaker a's utterances say checkpoint 0 is best; speaker b's say checkpoint 1.
+    labels = np.array([0, 1, 0, 1])
+    speakers = np.array(["a", "a", "b", "b"])
+    right = [0, 1, 0, 1]
+    ckpt0 = _onehot([0, 1, 1, 0])  # right on a, wrong on b
+    ckpt1 = _onehot([1, 0, 0, 1])  # wrong on a, right on b
+    member = {
+        "val": np.stack([ckpt0, ckpt1, _onehot(right)]),
+        "val_labels": labels,
+        "val_speakers": speakers,
+    }
+    module = _script()
+    # k = 1: ranked on a -> ckpt0 (and ckpt2, tie: earlier first) scored on b: wrong (UA 0);
+    # ranked on b -> ckpt1 scored on a: wrong. Cross-fitting exposes the overfit choice.
+    assert module.cross_fitted_ua(member, 1, 3) == pytest.approx(0.0)
+    # k = 3 averages all three: ckpt2 breaks the ties towards the right classes.
+    assert module.cross_fitted_ua(member, 3, 3) == pytest.approx(1.0)
+    assert module.cross_fitted_ua({**member, "val_speakers": np.array(["a"] * 4)}, 1, 3) is None

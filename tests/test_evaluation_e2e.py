@@ -221,6 +221,7 @@ def test_checkpoint_ensemble_averages_the_best_epochs_probabilities(tmp_path):
     assert saved["val"].shape == (2, len(result.fold.val_ids), 2)
     assert saved["test_ids"].tolist() == list(result.fold.test_ids)
     assert saved["test_labels"].tolist() == result.y_true.tolist()
+    assert set(saved["val_speakers"].tolist()) == set(result.fold.val_speakers)
     np.testing.assert_allclose(result.probs, saved["test"].mean(0), rtol=1e-6)
     np.testing.assert_array_equal(result.y_pred, saved["test"].mean(0).argmax(-1))
     # The ensemble's validation UA is reported next to the best epoch's.

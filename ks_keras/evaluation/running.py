@@ -260,6 +260,7 @@ def _fit_fold_member(exp: Experiment, fold_cfg: Config, fold: Fold, protocol, ru
             val=val_each,
             val_ids=np.array(fold.val_ids),
             val_labels=np.array(exp.labels_of(fold.val_ids)),
+            val_speakers=np.array([exp.speaker_of[i] for i in fold.val_ids]),
         )
         n = exp.cfg.model.num_classes
         val_pred = val_each.mean(0).argmax(-1)
