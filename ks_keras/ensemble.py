@@ -83,13 +83,7 @@ def checkpoint_copies(cfg, result, name: str) -> list[keras.Model]:
 
     if not result.checkpoints:
         return [float32_copy(lambda: build_model(cfg, name=name), result.model)]
-    out = []
-    for epoch, _, path in result.checkpoints:
-        result.load_weights(path)
-        out.append(
-            float32_copy(
-                lambda e=epoch: build_model(cfg, name=f"{name}_epoch_{e + 1}"), result.model
-            )
-        )
-    result.load_weights(result.best_weights_path)
-    return out
+    return [
+        float32_copy(lambda e=epoch: build_model(cfg, name=f"{name}_epoch_{e + 1}"), result.model)
+        for epoch in result.each_checkpoint()
+    ]

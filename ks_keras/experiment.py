@@ -203,11 +203,9 @@ class Experiment:
             return probs[None] if each else probs
         if dataset is None:
             dataset = self.dataset(ids, False)
-        probs = []
-        for path in result.ensemble_weights:
-            result.load_weights(path)
-            probs.append(softmax_rows(self.predict(result.model, ids, dataset)))
-        result.load_weights(result.best_weights_path)
+        probs = [
+            softmax_rows(self.predict(result.model, ids, dataset)) for _ in result.each_checkpoint()
+        ]
         return np.stack(probs) if each else np.mean(probs, axis=0)
 
     def feature_metadata(self) -> dict[str, dict]:

@@ -77,9 +77,18 @@ def test_fit_returns_the_kept_checkpoints_best_first(tmp_path):
     assert len(epochs) == 3 and epochs[0] == result.best_epoch
     assert values == sorted(values, reverse=True)
     assert values == [pytest.approx(result.history["val_ua"][e]) for e in epochs]
-    assert result.ensemble_weights == [p for _, _, p in result.checkpoints]
-    # Loading a checkpoint and restoring the best epoch.
+    # Walking the checkpoints loads each file in turn, then restores the best epoch.
     best = [w.copy() for w in result.model.get_weights()]
+    check = pooled_mlp(cfg)
+    walked = []
+    for epoch, (_, _, path) in zip(result.each_checkpoint(), result.checkpoints, strict=True):
+        check.load_weights(path)
+        for a, b in zip(result.model.get_weights(), check.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        walked.append(epoch)
+    assert walked == epochs
+    for a, b in zip(result.model.get_weights(), best, strict=True):
+        np.testing.assert_array_equal(a, b)
     result.load_weights(result.checkpoints[-1][2])
     result.load_weights(result.best_weights_path)
     for a, b in zip(result.model.get_weights(), best, strict=True):
@@ -93,7 +102,7 @@ def test_fit_returns_the_kept_checkpoints_best_first(tmp_path):
         tmp_path / "plain",
         verbose=0,
     )
-    assert plain.checkpoints == [] and plain.ensemble_weights == [plain.best_weights_path]
+    assert plain.checkpoints == [] and list(plain.each_checkpoint()) == []
     assert not (tmp_path / "plain" / "checkpoints").exists()
     assert result.model.outputs[0].shape[-1] == N_CLASSES
 

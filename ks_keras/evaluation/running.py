@@ -18,6 +18,7 @@ from ks_keras.evaluation.results import CVResult, FoldResult
 from ks_keras.experiment import Experiment, check_classes
 from ks_keras.folds import Fold, make_folds, rotate_validation
 from ks_keras.metrics import compute_metrics
+from ks_keras.training.callbacks import CHECKPOINT_DIR
 
 # ---------------------------------------------------------------------------------------------
 # Running
@@ -265,8 +266,7 @@ def _fit_fold_member(exp: Experiment, fold_cfg: Config, fold: Fold, protocol, ru
         n = exp.cfg.model.num_classes
         val_pred = val_each.mean(0).argmax(-1)
         val_ua = compute_metrics(exp.labels_of(fold.val_ids), val_pred, n)["ua"]
-    if result.checkpoints[0][2].parent.is_dir():
-        np.savez(result.checkpoints[0][2].parent / "probabilities.npz", **arrays)
+    np.savez(Path(run_dir) / CHECKPOINT_DIR / "probabilities.npz", **arrays)
     return result, test_each.mean(0), val_ua
 
 

@@ -183,20 +183,20 @@ class TopCheckpoints:
     def reset(self) -> None:
         """A fresh run: forget and delete every kept checkpoint."""
         self.entries = []
-        if self.directory.is_dir():
-            for stale in self.directory.glob("*.h5"):
-                stale.unlink()
-            self.record_path.unlink(missing_ok=True)
+        self._delete_unlisted()
+        self.record_path.unlink(missing_ok=True)
 
     def reload(self, epoch: int) -> None:
         """A run resumed at `epoch`: the record's checkpoints of earlier epochs whose files
         exist; other files (later epochs are trained again) go."""
         self.entries = [e for e in read_top_checkpoints(self.directory) if e["epoch"] < epoch]
+        self._delete_unlisted()
+
+    def _delete_unlisted(self) -> None:
         listed = {e["file"] for e in self.entries}
-        if self.directory.is_dir():
-            for stray in self.directory.glob("*.h5"):
-                if stray.name not in listed:
-                    stray.unlink()
+        for stray in self.directory.glob("*.h5"):  # nothing when the folder does not exist
+            if stray.name not in listed:
+                stray.unlink()
 
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,11 +71,16 @@ class FitResult:
     def best_weights_path(self) -> Path:
         return self.run_dir / BEST_WEIGHTS
 
-    @property
-    def ensemble_weights(self) -> list[Path]:
-        """The weight files a checkpoint ensemble averages: the kept epochs' checkpoints, or
-        the best epoch's alone."""
-        return [path for _, _, path in self.checkpoints] or [self.best_weights_path]
+    def each_checkpoint(self) -> Iterator[int]:
+        """Loads each kept checkpoint into `model` in turn (best first) and yields its 0-based
+        epoch; afterwards `model` holds the best epoch's weights again."""
+        try:
+            for epoch, _, path in self.checkpoints:
+                self.load_weights(path)
+                yield epoch
+        finally:
+            if self.checkpoints:
+                self.load_weights(self.best_weights_path)
 
     def load_weights(self, path: str | Path) -> None:
         """Load a weights file (e.g. one of `checkpoints`) into `model`, in its strategy's
