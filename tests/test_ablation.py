@@ -1,24 +1,17 @@
 """scripts/ablation.py runs the Table 1/2 grids and writes the markdown table (large: trains)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from _scripts import load_file
 
 from ks_keras.config import save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _load_script():
-    return _load("ablation", ROOT / "scripts" / "ablation.py")
+    return load_file("ablation", ROOT / "scripts" / "ablation.py")
 
 
 def test_tables_hold_the_paper_numbers():
@@ -35,7 +28,7 @@ def test_unknown_table_is_rejected(tmp_path):
 
 @pytest.mark.large
 def test_ablation_grid_on_a_tiny_corpus(tmp_path):
-    e2e = _load("e2e", ROOT / "tests" / "test_evaluation_e2e.py")
+    e2e = load_file("e2e", ROOT / "tests" / "test_evaluation_e2e.py")
     _cfg, _corpus = e2e._cfg, e2e._corpus
     manifest = _corpus(tmp_path, speakers=("a", "b", "c"), per_class=2)
     cfg = _cfg(
@@ -73,7 +66,7 @@ def test_ablation_grid_on_a_tiny_corpus(tmp_path):
 def test_accuracy_ablation_default_variants_apply_to_the_accurate_config():
     from ks_keras.config import load_config
 
-    script = _load("accuracy_ablation", ROOT / "scripts" / "accuracy_ablation.py")
+    script = load_file("accuracy_ablation", ROOT / "scripts" / "accuracy_ablation.py")
     for label, overrides in script.DEFAULT_VARIANTS:
         cfg = load_config(ROOT / "configs" / "emodb_accurate.yaml", overrides)
         assert cfg.model.functionals_dim == (6373 if cfg.features.functionals == "compare" else 0)
@@ -81,7 +74,7 @@ def test_accuracy_ablation_default_variants_apply_to_the_accurate_config():
 
 
 def test_accuracy_ablation_on_a_tiny_corpus(tmp_path):
-    e2e = _load("e2e", ROOT / "tests" / "test_evaluation_e2e.py")
+    e2e = load_file("e2e", ROOT / "tests" / "test_evaluation_e2e.py")
     manifest = e2e._corpus(tmp_path, speakers=("a", "b", "c"), per_class=2)
     path = tmp_path / "cfg.yaml"
     save_config(e2e._cfg(tmp_path, manifest, "train.epochs=1"), path)
@@ -89,7 +82,7 @@ def test_accuracy_ablation_on_a_tiny_corpus(tmp_path):
     variants.write_text(
         "- {label: single, overrides: []}\n- {label: pair, overrides: [train.ensemble=2]}\n"
     )
-    script = _load("accuracy_ablation", ROOT / "scripts" / "accuracy_ablation.py")
+    script = load_file("accuracy_ablation", ROOT / "scripts" / "accuracy_ablation.py")
     out = tmp_path / "out"
     rc = script.run(
         ["--config", str(path), "--variants", str(variants), "--repeats", "2"]

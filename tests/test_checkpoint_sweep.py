@@ -1,22 +1,14 @@
 """scripts/checkpoint_ensemble_sweep.py on a synthetic report folder (no training)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "checkpoint_ensemble_sweep", ROOT / "scripts" / "checkpoint_ensemble_sweep.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("checkpoint_ensemble_sweep")
 
 
 def _onehot(pred, n=3, sure=0.8):

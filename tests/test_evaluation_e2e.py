@@ -161,6 +161,22 @@ def test_bad_setups_fail_before_training(tmp_path, capsys, override, message, mo
     assert not (tmp_path / "rep" / "metrics.json").exists()
 
 
+def _first_fold_again(config, report_dir, logs):
+    """Evaluate the first fold into `report_dir` (re-runs reuse what finished there); `logs`
+    gets this run's progress lines only. Returns its `FoldResult`."""
+    logs.clear()
+    cv, _ = evaluate_corpus(
+        config,
+        report_dir,
+        max_folds=1,
+        baseline=False,
+        progress=False,
+        verbose=0,
+        log=logs.append,
+    )
+    return cv.results[0]
+
+
 def test_a_rerun_reuses_finished_members_and_retrains_changed_ones(tmp_path):
     """A killed multi-hour evaluation re-run in the same folder keeps its finished trainings."""
     manifest = _corpus(tmp_path, speakers=("a", "b", "c"), per_class=2)
@@ -168,17 +184,7 @@ def test_a_rerun_reuses_finished_members_and_retrains_changed_ones(tmp_path):
     logs = []
 
     def run(config):
-        logs.clear()
-        cv, _ = evaluate_corpus(
-            config,
-            tmp_path / "rep",
-            max_folds=1,
-            baseline=False,
-            progress=False,
-            verbose=0,
-            log=logs.append,
-        )
-        return cv.results[0]
+        return _first_fold_again(config, tmp_path / "rep", logs)
 
     first = run(cfg)
     assert not any("reused" in line for line in logs)
@@ -199,17 +205,7 @@ def test_checkpoint_ensemble_averages_the_best_epochs_probabilities(tmp_path):
     logs = []
 
     def run(config=cfg):
-        logs.clear()
-        cv, _ = evaluate_corpus(
-            config,
-            tmp_path / "rep",
-            max_folds=1,
-            baseline=False,
-            progress=False,
-            verbose=0,
-            log=logs.append,
-        )
-        return cv.results[0]
+        return _first_fold_again(config, tmp_path / "rep", logs)
 
     result = run()
     checkpoints = tmp_path / "rep" / "runs" / "repeat0_fold0" / "checkpoints"

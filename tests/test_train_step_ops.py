@@ -1,21 +1,13 @@
 """scripts/train_step_ops.py: a fingerprint of one traced training step (refactor check)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from _scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 ONE_LAYER_EACH = ["n_fem=1", "n_ccab=1", "n_dfm=1"]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "train_step_ops", ROOT / "scripts" / "train_step_ops.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_step_ops")
 
 
 def test_same_model_gives_the_same_operations_and_another_model_does_not(tmp_path, capsys):
