@@ -36,22 +36,31 @@ import numpy as np
 TAG = re.compile(r"^repeat(\d+)_fold(\d+)(?:_member(\d+))?$")
 
 
-def load_members(report_dir: Path) -> dict[tuple[int, int], list[dict]]:
-    """`{(repeat, fold index): [member arrays]}` from a report folder's runs."""
-    out: dict[tuple[int, int], list[dict]] = defaultdict(list)
-    for path in sorted((report_dir / "runs").glob("*/checkpoints/probabilities.npz")):
+def load_members(
+    report_dir: Path, max_members: int | None = None
+) -> dict[tuple[int, int], list[dict]]:
+    """`{(repeat, fold index): [member arrays]}` from a report folder's runs, members in
+    seed-ensemble order (member 0 = the run without a `_member` suffix); with `max_members`,
+    only the first that many of each fold (what a smaller `train.ensemble` would average)."""
+    found: dict[tuple[int, int], list[tuple[int, dict]]] = defaultdict(list)
+    for path in (report_dir / "runs").glob("*/checkpoints/probabilities.npz"):
         match = TAG.match(path.parent.parent.name)
         if not match:
             continue
+        member = int(match[3] or 0)
+        if max_members is not None and member >= max_members:
+            continue
         with np.load(path) as data:
             arrays = {k: data[k] for k in data.files}
-        out[(int(match[1]), int(match[2]))].append(arrays)
-    if not out:
+        found[(int(match[1]), int(match[2]))].append((member, arrays))
+    if not found:
         raise SystemExit(
             f"{report_dir}: no runs/*/checkpoints/probabilities.npz; evaluate with "
             "`--set train.checkpoint_ensemble=K` (K > 1) first"
         )
-    return out
+    return {
+        key: [a for _, a in sorted(ms, key=lambda m: m[0])] for key, ms in sorted(found.items())
+    }
 
 
 def _speakers_from_manifest(manifest: Path) -> dict[str, str]:
@@ -84,11 +93,14 @@ def cross_fitted_ua(member: dict, k: int, n_classes: int) -> float | None:
     return float(np.mean(scores))
 
 
-def sweep(report_dir: Path, manifest: Path | None = None) -> list[dict]:
-    """One row per k: validation UA, pooled test UA per repeat, wins and bootstrap."""
+def sweep(
+    report_dir: Path, manifest: Path | None = None, max_members: int | None = None
+) -> list[dict]:
+    """One row per k: validation UA, pooled test UA per repeat, wins and bootstrap (the
+    first `max_members` seed-ensemble members of each fold, all when None)."""
     from ks_keras.stats import paired_bootstrap_ua, sign_test, unweighted_recall
 
-    members = load_members(report_dir)
+    members = load_members(report_dir, max_members)
     if manifest is not None:
         speaker_of = _speakers_from_manifest(manifest)
         for ms in members.values():
@@ -176,9 +188,18 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--manifest", type=Path, help="speakers of the validation ids, for runs that lack them"
     )
+    parser.add_argument(
+        "--members",
+        type=int,
+        metavar="N",
+        help="average only the first N seed-ensemble members of each fold (as train.ensemble=N "
+        "would; the members are reused across ensemble sizes), default all",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    rows = sweep(args.report_dir, args.manifest)
+    if args.members is not None and args.members < 1:
+        parser.error(f"--members: expected an integer >= 1, got {args.members}")
+    rows = sweep(args.report_dir, args.manifest, args.members)
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=float))

@@ -93,3 +93,24 @@ def test_cross_fitted_validation_ranks_on_one_speaker_and_scores_on_the_other():
     # k = 3 averages all three: ckpt2 breaks the ties towards the right classes.
     assert module.cross_fitted_ua(member, 3, 3) == pytest.approx(1.0)
     assert module.cross_fitted_ua({**member, "val_speakers": np.array(["a"] * 4)}, 1, 3) is None
+
+
+def test_members_are_read_in_ensemble_order_and_can_be_limited(tmp_path, capsys):
+    # Fold 0 of repeat 0 has 11 members; member j predicts class j % 3 for every utterance.
+    labels, val_labels = [0, 1, 2], [0, 1, 2]
+    for j in range(11):
+        tag = "repeat0_fold0" + (f"_member{j}" if j else "")
+        _write(tmp_path, tag, [[j % 3] * 3], [[j % 3] * 3], labels, val_labels)
+    module = _script()
+    members = module.load_members(tmp_path)[(0, 0)]
+    # Numeric order (member10 last), not the path's alphabetical order (member10 after member1).
+    assert [int(m["test"][0, 0].argmax()) for m in members] == [j % 3 for j in range(11)]
+    assert len(module.load_members(tmp_path, max_members=3)[(0, 0)]) == 3
+    # One member predicts class 0 for all: UA 1/3. Three members: a mean of one-hots for
+    # classes 0, 1, 2 ties -> argmax picks class 0 again; two members 0 and 1 tie likewise.
+    rows = module.sweep(tmp_path, max_members=1)
+    assert rows[0]["ua"] == pytest.approx([1 / 3])
+    assert module.run([str(tmp_path), "--members", "2"]) == 0
+    assert "| 1 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.run([str(tmp_path), "--members", "0"])
