@@ -30,11 +30,7 @@ import numpy as np
 
 def load_sets(cfg, corpus, names: list[str], progress: bool) -> dict[str, np.ndarray]:
     """`{name: [N, D]}` for each name (`compare`, `egemaps`, or sets joined with `+`)."""
-    from ks_keras.features.functionals import (
-        FEATURE_SETS,
-        corpus_functionals,
-        speaker_normalize,
-    )
+    from ks_keras.features.functionals import FEATURE_SETS, normalized_functionals
 
     cache: dict[str, np.ndarray] = {}
     out = {}
@@ -48,16 +44,7 @@ def load_sets(cfg, corpus, names: list[str], progress: bool) -> dict[str, np.nda
             )
         for part in parts:
             if part not in cache:
-                matrix = corpus_functionals(
-                    corpus,
-                    Path(cfg.features.cache_dir) / "functionals",
-                    part,
-                    progress=progress,
-                    sample_rate=cfg.features.audio.sample_rate,
-                )
-                if cfg.features.audio.normalize == "speaker":
-                    matrix = speaker_normalize(matrix, [u.speaker for u in corpus.utterances])
-                cache[part] = matrix
+                cache[part] = normalized_functionals(cfg, corpus, part, progress)
         out[name] = np.hstack([cache[p] for p in parts])
     return out
 

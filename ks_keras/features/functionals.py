@@ -154,6 +154,18 @@ def model_functionals(cfg, corpus, progress: bool = True) -> dict[str, np.ndarra
     feature_set = cfg.features.functionals
     if feature_set == "none":
         return None
+    matrix = normalized_functionals(cfg, corpus, feature_set, progress)
+    return {u: matrix[i].astype(np.float32) for i, u in enumerate(corpus.ids)}
+
+
+def normalized_functionals(cfg, corpus, feature_set: str, progress: bool = True) -> np.ndarray:
+    """`[N, D]` functionals of `feature_set` in corpus order, cached under
+    `features.cache_dir`, normalised as the model's input is (per speaker under
+    `features.audio.normalize: speaker`).
+
+    Raises:
+        ValueError: NaN/inf functionals (naming the utterances).
+    """
     matrix = corpus_functionals(
         corpus,
         Path(cfg.features.cache_dir) / "functionals",
@@ -169,7 +181,7 @@ def model_functionals(cfg, corpus, progress: bool = True) -> dict[str, np.ndarra
             f"{FEATURE_SETS[feature_set]} functionals are NaN/inf for {len(bad)} utterance(s) "
             f"({', '.join(bad[:5])}); check those audio files (too short or silent?)"
         )
-    return {u: matrix[i].astype(np.float32) for i, u in enumerate(corpus.ids)}
+    return matrix
 
 
 def _extract_job(job_path: str) -> None:
