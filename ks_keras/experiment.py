@@ -161,9 +161,12 @@ class Experiment:
         verbose: int | str = "auto",
     ):
         """Train one model of `member_cfg` (its `train.seed` shuffles the data) on `train_ids`,
-        keeping the epoch with the best validation UA; returns `ks_keras.training.FitResult`."""
+        keeping the epoch with the best validation UA; without validation data (`val_ds`
+        None: `eval.val_speakers: 0`), the last epoch of the fixed schedule. Returns
+        `ks_keras.training.FitResult`."""
         from ks_keras.model import build_model
         from ks_keras.training import fit
+        from ks_keras.training.loop import LAST_EPOCH
 
         return fit(
             lambda: build_model(member_cfg),
@@ -172,7 +175,7 @@ class Experiment:
             member_cfg,
             run_dir,
             class_weight=self.class_weight(train_ids),
-            monitor="val_ua",
+            monitor="val_ua" if val_ds is not None else LAST_EPOCH,
             strategy=strategy,
             verbose=verbose,
         )

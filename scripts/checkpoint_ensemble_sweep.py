@@ -18,8 +18,16 @@ is the same for every k). It needs the validation speakers of each utterance: st
 ks_keras since the sweep was added, or given with `--manifest` (ids = the manifest's `id`
 column or file names without extension).
 
+`--order last` averages the k *latest* kept epochs instead (what `train.checkpoint_ensemble`
+keeps without validation speakers, `eval.val_speakers: 0`). Nothing is chosen on validation
+then, so its validation UA, averaged over the validation speakers like the cross-fitted one,
+is an unbiased figure to set beside the cross-fitted UA of the best epochs. Read both from a
+run that kept every epoch (`train.checkpoint_ensemble` = `train.epochs`): does choosing
+epochs on validation speakers beat a fixed schedule, on the same trainings?
+
 Example:
     python scripts/checkpoint_ensemble_sweep.py reports/accuracy_ablation/variant_0
+    python scripts/checkpoint_ensemble_sweep.py reports/all_epochs --order last
 """
 
 from __future__ import annotations
@@ -52,6 +60,13 @@ def load_members(
             continue
         with np.load(path) as data:
             arrays = {k: data[k] for k in data.files}
+        # The kept checkpoints' epochs, in the arrays' (best-first) order, for `--order last`.
+        try:
+            record = json.loads((path.parent / "top.json").read_text())
+            if len(record) == arrays["test"].shape[0]:
+                arrays["epochs"] = np.array([int(e["epoch"]) for e in record])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
         found[(int(match[1]), int(match[2]))].append((member, arrays))
     if not found:
         raise SystemExit(
@@ -93,14 +108,57 @@ def cross_fitted_ua(member: dict, k: int, n_classes: int) -> float | None:
     return float(np.mean(scores))
 
 
+def per_speaker_ua(member: dict, k: int, n_classes: int) -> float | None:
+    """Mean over validation speakers of the UA of the first k checkpoints' average on that
+    speaker alone (the same averaging over speakers as `cross_fitted_ua`, without its
+    ranking); None without validation speakers."""
+    from ks_keras.stats import unweighted_recall
+
+    speakers = member.get("val_speakers")
+    if speakers is None or "val" not in member:
+        return None
+    pred = member["val"][:k].mean(0).argmax(-1)
+    labels = member["val_labels"]
+    return float(
+        np.mean(
+            [
+                unweighted_recall(labels[speakers == s], pred[speakers == s], n_classes)
+                for s in sorted(set(speakers.tolist()))
+            ]
+        )
+    )
+
+
+def _latest_first(members: dict[tuple[int, int], list[dict]]) -> None:
+    """Reorder every member's checkpoints by epoch, latest first (in place)."""
+    for ms in members.values():
+        for m in ms:
+            if "epochs" not in m:
+                raise SystemExit(
+                    "--order last: a run lacks checkpoints/top.json (the kept epochs); "
+                    "it needs the run folders as evaluate wrote them"
+                )
+            order = np.argsort(-m["epochs"], kind="stable")
+            for key in ("test", "val", "epochs"):
+                if key in m:
+                    m[key] = m[key][order]
+
+
 def sweep(
-    report_dir: Path, manifest: Path | None = None, max_members: int | None = None
+    report_dir: Path,
+    manifest: Path | None = None,
+    max_members: int | None = None,
+    order: str = "best",
 ) -> list[dict]:
     """One row per k: validation UA, pooled test UA per repeat, wins and bootstrap (the
-    first `max_members` seed-ensemble members of each fold, all when None)."""
+    first `max_members` seed-ensemble members of each fold, all when None). `order`:
+    average the k best checkpoints by validation UA (`best`) or the k latest (`last`: no
+    choice on validation, so the plain validation UA is not optimistic)."""
     from ks_keras.stats import paired_bootstrap_ua, sign_test, unweighted_recall
 
     members = load_members(report_dir, max_members)
+    if order == "last":
+        _latest_first(members)
     if manifest is not None:
         speaker_of = _speakers_from_manifest(manifest)
         for ms in members.values():
@@ -136,12 +194,16 @@ def sweep(
             y = np.concatenate([truth[key] for key in keys])
             p = np.concatenate([pred[key] for key in keys])
             pooled.append(unweighted_recall(y, p, n_classes))
-        crossed = [cross_fitted_ua(m, k, n_classes) for ms in members.values() for m in ms]
-        crossed = [c for c in crossed if c is not None]
+        # Held-out validation UA, averaged over validation speakers: cross-fitted when the
+        # checkpoints were ranked on validation UA, plain for the latest k (nothing chosen).
+        score = cross_fitted_ua if order == "best" else per_speaker_ua
+        held = [score(m, k, n_classes) for ms in members.values() for m in ms]
+        held = [c for c in held if c is not None]
         row = {
             "k": k,
+            "order": order,
             "val_ua": float(np.mean(val)) if val else None,
-            "val_ua_cross": float(np.mean(crossed)) if crossed else None,
+            "val_ua_cross": float(np.mean(held)) if held else None,
             "ua": pooled,
         }
         if base_ua and all(f in base_ua for f in folds):
@@ -165,9 +227,14 @@ def sweep(
 
 
 def markdown(rows: list[dict]) -> str:
+    last = bool(rows) and rows[0].get("order") == "last"
     lines = [
-        "| checkpoints averaged (k) | val UA, cross-fitted | val UA | UA (pooled) | "
-        "folds > baseline | UA − baseline [95% CI] |",
+        (
+            "| latest checkpoints averaged (k) | val UA, per speaker | val UA | UA (pooled) | "
+            if last
+            else "| checkpoints averaged (k) | val UA, cross-fitted | val UA | UA (pooled) | "
+        )
+        + "folds > baseline | UA − baseline [95% CI] |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -195,11 +262,20 @@ def run(argv: list[str] | None = None) -> int:
         help="average only the first N seed-ensemble members of each fold (as train.ensemble=N "
         "would; the members are reused across ensemble sizes), default all",
     )
+    parser.add_argument(
+        "--order",
+        choices=("best", "last"),
+        default="best",
+        help="average the k best checkpoints by validation UA (default; what "
+        "train.checkpoint_ensemble keeps with validation speakers) or the k latest epochs "
+        "(what it keeps with eval.val_speakers: 0; read from a run that kept every epoch, "
+        "train.checkpoint_ensemble = train.epochs, to compare both on the same trainings)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.members is not None and args.members < 1:
         parser.error(f"--members: expected an integer >= 1, got {args.members}")
-    rows = sweep(args.report_dir, args.manifest, args.members)
+    rows = sweep(args.report_dir, args.manifest, args.members, args.order)
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=float))

@@ -114,3 +114,37 @@ def test_members_are_read_in_ensemble_order_and_can_be_limited(tmp_path, capsys)
     assert "| 1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         module.run([str(tmp_path), "--members", "0"])
+
+
+def test_order_last_averages_the_latest_epochs_and_scores_validation_per_speaker(tmp_path):
+    labels, val_labels = [0, 1, 2, 0], [0, 1, 2, 0]
+    # Kept best first: epochs 4, 0, 9 (top.json). Latest first: 9, 4, 0.
+    epoch9, epoch4, epoch0 = [0, 1, 2, 0], [0, 1, 2, 1], [1, 1, 1, 1]
+    _write(
+        tmp_path,
+        "repeat0_fold0",
+        [epoch4, epoch0, epoch9],
+        [epoch4, epoch0, [0, 1, 2, 2]],
+        labels,
+        val_labels,
+    )
+    folder = tmp_path / "runs" / "repeat0_fold0" / "checkpoints"
+    record = [{"epoch": e, "value": v, "file": f"e{e}"} for e, v in ((4, 0.9), (0, 0.5), (9, 0.4))]
+    (folder / "top.json").write_text(json.dumps(record))
+    data = dict(np.load(folder / "probabilities.npz"))
+    data["val_speakers"] = np.array(["s1", "s1", "s2", "s2"])
+    np.savez(folder / "probabilities.npz", **data)
+    module = _script()
+    last = module.sweep(tmp_path, order="last")
+    best = module.sweep(tmp_path)
+    # k = 1: the latest epoch (9) alone is right on every test utterance; the best (4) is not.
+    assert last[0]["ua"] == pytest.approx([1.0]) and best[0]["ua"][0] < 1.0
+    assert last[0]["order"] == "last" and best[0]["order"] == "best"
+    # Epoch 9 on validation: s1 (labels 0, 1) right -> 1.0; s2 (labels 2, 0) predicts 2, 2 ->
+    # recall 1 on class 2, 0 on class 0 -> 0.5. Per-speaker mean 0.75.
+    assert last[0]["val_ua_cross"] == pytest.approx(0.75)
+    assert "latest checkpoints averaged" in module.markdown(last)
+    # Without top.json the latest epochs are unknown: a clear error.
+    (folder / "top.json").unlink()
+    with pytest.raises(SystemExit, match="top.json"):
+        module.sweep(tmp_path, order="last")

@@ -246,3 +246,35 @@ def test_checkpoint_ensemble_averages_the_best_epochs_probabilities(tmp_path):
     )["test"]
     assert first.shape[0] == second.shape[0] == 2
     np.testing.assert_allclose(grown.probs, (first.mean(0) + second.mean(0)) / 2, rtol=1e-6)
+
+
+def test_no_validation_speakers_trains_the_fixed_schedule_and_keeps_the_last_epochs(tmp_path):
+    """`eval.val_speakers: 0` (honest): every non-test speaker trains, nothing is chosen on
+    held-out speakers; the last epoch (the last k for a checkpoint ensemble) is kept."""
+    manifest = _corpus(tmp_path, speakers=("a", "b", "c"), per_class=2)
+    cfg = _cfg(
+        tmp_path, manifest, "eval.val_speakers=0", "train.epochs=3", "train.checkpoint_ensemble=2"
+    )
+    logs = []
+    result = _first_fold_again(cfg, tmp_path / "rep", logs)
+    fold = result.fold
+    assert fold.val_speakers == [] and fold.val_ids == []
+    assert sorted(fold.train_speakers + fold.test_speakers) == ["a", "b", "c"]
+    assert result.best_epoch == 2 and result.val_values == []
+    run = tmp_path / "rep" / "runs" / "repeat0_fold0"
+    assert json.loads((run / "best.json").read_text())["monitor"] == "epoch"
+    top = json.loads((run / "checkpoints" / "top.json").read_text())
+    assert [e["epoch"] for e in top] == [2, 1]
+    saved = np.load(run / "checkpoints" / "probabilities.npz")
+    assert "val" not in saved.files and saved["test"].shape[0] == 2
+    np.testing.assert_allclose(result.probs, saved["test"].mean(0), rtol=1e-6)
+    assert any("none: fixed schedule, last epoch" in line for line in logs)
+    assert any("no validation speakers: last epoch" in line for line in logs)
+    text = (tmp_path / "rep" / "results.txt").read_text()
+    assert "fixed schedule, last epoch" in text and "last 2 epochs averaged" in text
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert "eval.val_speakers: 0" in metrics["protocol_note"]
+    # A re-run reuses the finished training.
+    again = _first_fold_again(cfg, tmp_path / "rep", logs)
+    assert any("finished training reused" in line for line in logs)
+    np.testing.assert_allclose(again.probs, result.probs, rtol=1e-5, atol=1e-6)

@@ -92,6 +92,11 @@ def test_train_command_fails_before_any_work(tmp_path, capsys, monkeypatch):
     assert main(["train", "--config", str(config), "--set", "model.num_classes=2"]) == 1
     assert "classes" in capsys.readouterr().err
 
+    # No validation speakers: train chooses and reports on them, so it says what to use.
+    config = _config(tmp_path, manifest)
+    assert main(["train", "--config", str(config), "--set", "eval.val_speakers=0"]) == 1
+    assert "ks-keras evaluate" in capsys.readouterr().err
+
 
 def _corpus(speakers_genders):
     utts = [

@@ -46,6 +46,12 @@ def run_train(args) -> int:
     corpus = load_corpus(cfg.data)
     check_classes(cfg, corpus, hint="; set model.num_classes or data.labels")
     check_model_dims(cfg)
+    if cfg.eval.protocol == "honest" and cfg.eval.val_speakers == 0:
+        raise ValueError(
+            "eval.val_speakers: ks-keras train needs at least 1 validation speaker (it chooses "
+            "the best epoch and reports on them); 0 (fixed schedule, last epoch) is supported "
+            "by ks-keras evaluate / demo"
+        )
     train_speakers, val_speakers = split_speakers(
         corpus, max(1, cfg.eval.val_speakers), cfg.train.seed
     )

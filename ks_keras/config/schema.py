@@ -267,6 +267,9 @@ class EvalConfig:
     protocol: Literal["honest", "paper"] = "honest"
     folds: Literal["loso", "loso_session", "kfold"] = "loso"
     n_folds: int = 5
+    # Validation speakers held out of each fold's training speakers (honest protocol); 0 =
+    # none: every non-test speaker trains, the fixed schedule runs and the last epoch (the
+    # last k for train.checkpoint_ensemble: k) is kept (`ks-keras evaluate` / `demo` only).
     val_speakers: int = 1
     repeats: int = 1
     max_folds: int | None = None

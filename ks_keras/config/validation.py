@@ -148,12 +148,5 @@ def validate_config(cfg: Config) -> None:
     _check(e.val_speakers >= 0, "eval.val_speakers", "an integer >= 0", e.val_speakers)
     _check(e.repeats >= 1, "eval.repeats", "an integer >= 1", e.repeats)
     _check(e.n_folds >= 2, "eval.n_folds", "an integer >= 2", e.n_folds)
-    if e.protocol == "honest":
-        _check(
-            e.val_speakers >= 1,
-            "eval.val_speakers",
-            "at least 1 validation speaker under the honest protocol",
-            e.val_speakers,
-        )
     if cfg.export.version is not None:
         _check(cfg.export.version >= 1, "export.version", "an integer >= 1", cfg.export.version)

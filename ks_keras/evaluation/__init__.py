@@ -36,6 +36,7 @@ from ks_keras.evaluation.reports import (
     write_report,
 )
 from ks_keras.evaluation.results import (
+    FIXED_SCHEDULE_NOTE,
     HONEST_PROTOCOL_NOTE,
     PAPER_PROTOCOL_NOTE,
     CVResult,
@@ -57,6 +58,7 @@ from ks_keras.evaluation.running import _member_identity as _member_identity
 
 __all__ = [
     "FINISHED_FILE",
+    "FIXED_SCHEDULE_NOTE",
     "HONEST_PROTOCOL_NOTE",
     "PAPER_PROTOCOL_NOTE",
     "CVResult",

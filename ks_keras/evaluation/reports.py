@@ -12,7 +12,6 @@ import numpy as np
 
 from ks_keras.config import save_config
 from ks_keras.evaluation.results import (
-    HONEST_PROTOCOL_NOTE,
     PAPER_PROTOCOL_NOTE,
     CVResult,
     summarize,
@@ -85,7 +84,8 @@ def results_table(cv: CVResult, summary: dict | None = None) -> str:
     name = "KS-T + CCAB" if ensemble == 1 else f"KS-T + CCAB, {ensemble}-seed ensemble"
     checkpoints = cv.config.train.checkpoint_ensemble
     if checkpoints > 1:
-        name += f", {checkpoints} best epochs averaged" + (" each" if ensemble > 1 else "")
+        kept = f"last {checkpoints}" if cv.config.eval.val_speakers == 0 else f"{checkpoints} best"
+        name += f", {kept} epochs averaged" + (" each" if ensemble > 1 else "")
     lines.append(f"  {name}")
     lines.append(f"  {'':<12}  WA {_fmt(p['wa'])}   UA {_fmt(p['ua'])}   F1 {_fmt(p['macro_f1'])}")
     if cv.baseline:
@@ -171,7 +171,7 @@ def write_report(cv: CVResult, report_dir: str | Path) -> Path:
     metrics = {
         "title": cv.title,
         "protocol": cv.protocol,
-        "protocol_note": PAPER_PROTOCOL_NOTE if cv.protocol == "paper" else HONEST_PROTOCOL_NOTE,
+        "protocol_note": cv.protocol_note,
         "corpus": cv.corpus_name,
         "labels": cv.labels,
         "repeats": cv.repeats,

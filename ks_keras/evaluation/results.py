@@ -18,6 +18,12 @@ HONEST_PROTOCOL_NOTE = (
     "Honest protocol: each fold's best epoch was chosen on validation speakers held out from "
     "its training speakers; the test speakers were used once, for the final score."
 )
+FIXED_SCHEDULE_NOTE = (
+    "Honest protocol without validation speakers (eval.val_speakers: 0): each fold's model "
+    "trained on all its training speakers for the fixed schedule and kept its last epoch "
+    "(its last k epochs for a checkpoint ensemble); nothing was chosen on held-out speakers, "
+    "and the test speakers were used once, for the final score."
+)
 
 
 @dataclass
@@ -59,7 +65,17 @@ class CVResult:
         base = f"KS-T + CCAB on {self.corpus_name} ({len(self.labels)} classes)"
         if self.protocol == "paper":
             return f"{base} - PAPER PROTOCOL (best epoch chosen on the test fold)"
+        if self.config.eval.val_speakers == 0:
+            return f"{base} - speaker-independent, fixed schedule, last epoch"
         return f"{base} - speaker-independent, validation speakers held out"
+
+    @property
+    def protocol_note(self) -> str:
+        if self.protocol == "paper":
+            return PAPER_PROTOCOL_NOTE
+        if self.config.eval.val_speakers == 0:
+            return FIXED_SCHEDULE_NOTE
+        return HONEST_PROTOCOL_NOTE
 
 
 def _pooled(results: list[FoldResult], n_classes: int) -> dict:

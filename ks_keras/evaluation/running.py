@@ -132,6 +132,9 @@ def cross_validate(
     label_of, speaker_of = exp.label_of, exp.speaker_of
     results = []
     total = repeats * len(folds)
+    # What stands in for validation speakers: the test fold under the paper protocol, nothing
+    # under `eval.val_speakers: 0` (fixed schedule, last epoch).
+    no_val = "test fold" if protocol == "paper" else "none: fixed schedule, last epoch"
     for r in range(repeats):
         seed = cfg.train.seed + r
         for fold in folds:
@@ -139,7 +142,7 @@ def cross_validate(
             log(
                 f"[{done + 1}/{total}] repeat {r + 1}/{repeats}, fold {fold.name}: "
                 f"train {len(fold.train_ids)} ({', '.join(fold.train_speakers)}), "
-                f"val {len(fold.val_ids)} ({', '.join(fold.val_speakers) or 'test fold'}), "
+                f"val {len(fold.val_ids)} ({', '.join(fold.val_speakers) or no_val}), "
                 f"test {len(fold.test_ids)}"
             )
             started = time.perf_counter()
@@ -158,7 +161,7 @@ def cross_validate(
                 if cfg.train.ensemble > 1:
                     log(
                         f"    member {j + 1}/{cfg.train.ensemble} (seed {fold_cfg.train.seed}, "
-                        f"val {', '.join(member_fold.val_speakers) or 'test fold'})"
+                        f"val {', '.join(member_fold.val_speakers) or no_val})"
                     )
                 members.append(
                     _fit_fold_member(
@@ -173,9 +176,20 @@ def cross_validate(
             y_pred = np.argmax(probs, axis=-1)
             metrics = compute_metrics(y_true, y_pred, cfg.model.num_classes)
             seconds = time.perf_counter() - started
-            best_values = [m[0].best_value for m in members if m[0].best_value is not None]
+            # Best validation UA of each member (none without validation speakers: the
+            # "epoch" monitor's value is the epoch index, not a score).
+            best_values = [
+                m[0].best_value
+                for m in members
+                if m[0].best_value is not None and m[0].monitor != "epoch"
+            ]
             ensemble_values = [m[2] for m in members if m[2] is not None]
-            val_note = f"val UA {np.mean(best_values):.3f}" if best_values else "no finite val UA"
+            if not fold.val_ids and protocol == "honest":
+                val_note = "no validation speakers: last epoch"
+            elif best_values:
+                val_note = f"val UA {np.mean(best_values):.3f}"
+            else:
+                val_note = "no finite val UA"
             if ensemble_values:
                 k = cfg.train.checkpoint_ensemble
                 val_note += f", {k}-checkpoint ensemble {np.mean(ensemble_values):.3f}"
@@ -232,7 +246,10 @@ def _fit_fold_member(exp: Experiment, fold_cfg: Config, fold: Fold, protocol, ru
     # Length-bucketed batches for training and prediction alike (test and validation
     # batches come sorted by length; `exp.predict` puts the test predictions back in order).
     test_ds = exp.dataset(fold.test_ids, False)
-    val_ds = exp.dataset(fold.val_ids, False) if protocol == "honest" else test_ds
+    if protocol != "honest":
+        val_ds = test_ds
+    else:  # no validation speakers (`eval.val_speakers: 0`): fixed schedule, last epoch
+        val_ds = exp.dataset(fold.val_ids, False) if fold.val_ids else None
     identity = _member_identity(fold_cfg, fold, protocol)
     result = finished_member(fold_cfg, run_dir, identity)
     if result is None:

@@ -139,7 +139,10 @@ class RunLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         self._check_finite(epoch, logs)
-        if self.monitor not in logs:
+        # `monitor="epoch"` (a fixed schedule without validation data): every epoch
+        # "improves", so the last one (and the last k checkpoints) are kept.
+        by_epoch = self.monitor == "epoch"
+        if not by_epoch and self.monitor not in logs:
             raise ValueError(
                 f"monitor {self.monitor!r} is not among the logged values {sorted(logs)}"
             )
@@ -147,7 +150,7 @@ class RunLog(keras.callbacks.Callback):
         entry["lr"] = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
         self.entries[epoch] = entry
         self.epochs_run += 1
-        value = entry[self.monitor]
+        value = float(epoch) if by_epoch else entry[self.monitor]
         if self._improved(value):
             self.best = {"epoch": epoch, "monitor": self.monitor, "value": value}
             commit_weights(self.model, self.weights_path, self.best_path, self.best)

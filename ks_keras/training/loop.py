@@ -31,6 +31,9 @@ from ks_keras.training.strategy import get_strategy, worker_role
 
 # Metrics `compile_model` attaches; `monitor` must be one of these, optionally `val_`-prefixed.
 MONITORABLE = ("loss", "accuracy", "ua")
+# Monitor that keeps the last epoch (and the last k for a checkpoint ensemble): training on a
+# fixed schedule without validation data, so nothing is chosen on any held-out speaker.
+LAST_EPOCH = "epoch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,9 +96,11 @@ class FitResult:
 
 
 def _check_monitor(monitor: str, has_val: bool) -> None:
+    if monitor == LAST_EPOCH:
+        return
     base = monitor[4:] if monitor.startswith("val_") else monitor
     if base not in MONITORABLE:
-        allowed = ", ".join(list(MONITORABLE) + [f"val_{m}" for m in MONITORABLE])
+        allowed = ", ".join(list(MONITORABLE) + [f"val_{m}" for m in MONITORABLE] + [LAST_EPOCH])
         raise ValueError(f"monitor: expected one of {allowed}, got {monitor!r}")
     if monitor.startswith("val_") and not has_val:
         raise ValueError(f"monitor {monitor!r} needs validation data, but val_ds is None")
@@ -290,7 +295,9 @@ def fit(
             with the same folder after a crash resumes from the last finished epoch.
         class_weight: optional `{class id: weight}` for the loss (missing ids weigh 1).
         monitor: log name that picks the best epoch: `"val_ua"` (default), `"val_accuracy"`,
-            `"val_loss"` (minimised), or a training metric.
+            `"val_loss"` (minimised), a training metric, or `"epoch"`: the last epoch (and
+            the last k for `train.checkpoint_ensemble: k`), for a fixed schedule without
+            validation data.
         callbacks_extra: more Keras callbacks (run before the checkpoint/backup ones).
         verbose: Keras progress-bar verbosity (non-chief workers are always silent).
         strategy: reuse a strategy; default `get_strategy(cfg.train)`.
