@@ -24,17 +24,27 @@ from pathlib import Path
 import yaml
 
 # (label, overrides) relative to configs/emodb_accurate.yaml.
+# Each variant names its ensemble and validation settings, so the list keeps its meaning
+# whatever the accurate config sets.
+_VALIDATED = ["eval.val_speakers=2", "train.ensemble_val=rotate"]
 DEFAULT_VARIANTS = [
     (
         "log-mel + MiniLM, single model (the demo model)",
-        ["features.functionals=none", "model.functionals_dim=0", "train.ensemble=1"],
+        ["features.functionals=none", "model.functionals_dim=0", "train.ensemble=1", *_VALIDATED],
     ),
     (
         "+ 3-seed ensemble, rotated validation",
-        ["features.functionals=none", "model.functionals_dim=0"],
+        ["features.functionals=none", "model.functionals_dim=0", "train.ensemble=3", *_VALIDATED],
     ),
-    ("+ ComParE functionals input, single model", ["train.ensemble=1"]),
-    ("+ ComParE functionals input + 3-seed ensemble (emodb_accurate)", []),
+    ("+ ComParE functionals input, single model", ["train.ensemble=1", *_VALIDATED]),
+    (
+        "+ ComParE functionals input + 3-seed ensemble, rotated validation",
+        ["train.ensemble=3", *_VALIDATED],
+    ),
+    (
+        "+ ComParE functionals input, no validation speakers, last epoch (emodb_accurate)",
+        ["train.ensemble=1", "eval.val_speakers=0"],
+    ),
 ]
 
 

@@ -27,7 +27,9 @@ def select_fold(corpus, cfg: Config, index: int = 0):
     if cfg.eval.val_speakers < 1:
         raise ValueError(
             "eval.val_speakers: tuning needs at least 1 validation speaker (the "
-            "objective is UA on held-out validation speakers), got 0"
+            "objective is UA on held-out validation speakers), got 0 (configs that train "
+            "without validation speakers, such as configs/emodb_accurate.yaml, are tuned "
+            "with --set eval.val_speakers=2)"
         )
     folds = make_folds(
         corpus, replace(cfg.eval, protocol="honest", max_folds=None), seed=cfg.train.seed
