@@ -111,3 +111,20 @@ def test_fit_returns_the_kept_checkpoints_best_first(tmp_path):
 def test_checkpoint_ensemble_must_fit_the_epochs(k):
     with pytest.raises(ValueError, match=r"train.checkpoint_ensemble: expected an integer in"):
         config_from_dict({}, ["train.epochs=4", f"train.checkpoint_ensemble={k}"])
+
+
+def test_monitor_epoch_keeps_the_last_epochs_without_validation_data(tmp_path):
+    cfg = tiny_config(epochs=3, checkpoint_ensemble=2)
+    train_ds = synthetic_dataset(24, cfg.train.batch_size)
+    result = fit(lambda: pooled_mlp(cfg), train_ds, None, cfg, tmp_path / "run", monitor="epoch")
+    assert result.best_epoch == 2 and result.monitor == "epoch"
+    assert [e for e, _, _ in result.checkpoints] == [2, 1]
+    with pytest.raises(ValueError, match="early_stopping_patience"):
+        fit(
+            lambda: pooled_mlp(cfg),
+            train_ds,
+            None,
+            tiny_config(epochs=3, early_stopping_patience=2),
+            tmp_path / "stop",
+            monitor="epoch",
+        )

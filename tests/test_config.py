@@ -73,6 +73,17 @@ def test_bad_values_name_the_field(override, field):
         load_config(None, [override])
 
 
+def test_no_validation_speakers_is_honest_but_cannot_stop_early():
+    cfg = load_config(None, ["eval.val_speakers=0"])
+    assert cfg.eval.protocol == "honest" and cfg.eval.val_speakers == 0
+    with pytest.raises(ValueError, match=r"train\.early_stopping_patience"):
+        load_config(None, ["eval.val_speakers=0", "train.early_stopping_patience=3"])
+    # The paper protocol stops on the test fold, as the authors' code: no conflict.
+    load_config(
+        None, ["eval.val_speakers=0", "eval.protocol=paper", "train.early_stopping_patience=3"]
+    )
+
+
 def test_override_without_equals():
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(None, ["model.n_ccab"])

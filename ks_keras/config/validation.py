@@ -148,5 +148,13 @@ def validate_config(cfg: Config) -> None:
     _check(e.val_speakers >= 0, "eval.val_speakers", "an integer >= 0", e.val_speakers)
     _check(e.repeats >= 1, "eval.repeats", "an integer >= 1", e.repeats)
     _check(e.n_folds >= 2, "eval.n_folds", "an integer >= 2", e.n_folds)
+    if e.protocol == "honest" and e.val_speakers == 0:
+        _check(
+            t.early_stopping_patience == 0,
+            "train.early_stopping_patience",
+            "0 with eval.val_speakers: 0 (early stopping watches validation speakers; without "
+            "them the fixed schedule runs to its end)",
+            t.early_stopping_patience,
+        )
     if cfg.export.version is not None:
         _check(cfg.export.version >= 1, "export.version", "an integer >= 1", cfg.export.version)

@@ -323,6 +323,11 @@ def fit(
     train_cfg = cfg.train
     n_classes = cfg.model.num_classes
     _check_monitor(monitor, val_ds is not None)
+    if monitor == LAST_EPOCH and train_cfg.early_stopping_patience > 0:
+        raise ValueError(
+            "train.early_stopping_patience: must be 0 when the last epoch is kept "
+            "(monitor 'epoch', no validation data): nothing to stop on"
+        )
     class_weight = _check_class_weight(class_weight, n_classes)
     strategy = strategy or get_strategy(train_cfg)
     compat.apply_multiworker_patches(strategy)  # no-op unless multi-worker; idempotent
