@@ -92,11 +92,6 @@ def test_train_command_fails_before_any_work(tmp_path, capsys, monkeypatch):
     assert main(["train", "--config", str(config), "--set", "model.num_classes=2"]) == 1
     assert "classes" in capsys.readouterr().err
 
-    # No validation speakers: train chooses and reports on them, so it says what to use.
-    config = _config(tmp_path, manifest)
-    assert main(["train", "--config", str(config), "--set", "eval.val_speakers=0"]) == 1
-    assert "ks-keras evaluate" in capsys.readouterr().err
-
 
 def _corpus(speakers_genders):
     utts = [
@@ -282,3 +277,24 @@ def test_checkpoint_ensemble_training_saves_the_mean_of_the_best_epochs(tmp_path
         check.load_weights(folder / "checkpoints" / top[1]["file"])
         for a, b in zip(check.get_weights(), pair[1].get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_train_without_validation_speakers_uses_every_speaker_and_keeps_the_last_epoch(
+    tmp_path, capsys
+):
+    config = _config(tmp_path, _write_corpus(tmp_path / "wav"))
+    run_dir = tmp_path / "run"
+    (run_dir).mkdir()
+    (run_dir / "val_metrics.json").write_text("{}")  # a stale report of an earlier run
+    rc = main(
+        ["train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"]
+        + ["--set", "eval.val_speakers=0"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "last epoch 2/2 kept" in out and "all 3 speakers" in out
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["val_speakers"] == [] and split["n_train"] == 18 and split["n_val"] == 0
+    assert not (run_dir / "val_metrics.json").exists()
+    assert json.loads((run_dir / "best.json").read_text())["epoch"] == 1
+    assert (run_dir / "best.keras").is_file()

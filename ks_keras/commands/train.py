@@ -1,7 +1,8 @@
 """`ks-keras train`: one training run on a corpus, best epoch chosen on held-out speakers.
 
 corpus (`data.*`) → cached features (`features.*`) → speaker split (`eval.val_speakers`
-validation speakers, at least one, never seen in training) → `training.fit` → run folder.
+validation speakers, never seen in training; 0 = none: every speaker trains the fixed schedule
+and the last epoch is kept) → `training.fit` → run folder.
 
 Besides what `training.fit` writes (see `ks_keras.training`), the run folder gets:
 
@@ -12,6 +13,7 @@ best.keras + best.keras.json   the best epoch as a plain float32 model + the sid
                                probabilities (member k > 1 trains in `member_<k>/`)
 split.json                     training and validation speakers and utterance counts
 val_metrics.json               WA, UA, macro-F1 and confusion on the validation speakers
+                               (absent with eval.val_speakers: 0)
 norm_stats.json                audio normalisation statistics (when features.audio.normalize)
 ```
 
@@ -31,6 +33,8 @@ from pathlib import Path
 
 from ks_keras.train_cli import split_speakers
 
+NO_VALIDATION = "none: eval.val_speakers 0, fixed schedule, last epoch kept"
+
 
 def run_train(args) -> int:
     from ks_keras.config import load_config
@@ -47,14 +51,12 @@ def run_train(args) -> int:
     check_classes(cfg, corpus, hint="; set model.num_classes or data.labels")
     check_model_dims(cfg)
     if cfg.eval.protocol == "honest" and cfg.eval.val_speakers == 0:
-        raise ValueError(
-            "eval.val_speakers: ks-keras train needs at least 1 validation speaker (it chooses "
-            "the best epoch and reports on them); 0 (fixed schedule, last epoch) is supported "
-            "by ks-keras evaluate / demo"
+        # No validation speakers: every speaker trains the fixed schedule, last epoch kept.
+        train_speakers, val_speakers = sorted(corpus.speakers), []
+    else:
+        train_speakers, val_speakers = split_speakers(
+            corpus, max(1, cfg.eval.val_speakers), cfg.train.seed
         )
-    train_speakers, val_speakers = split_speakers(
-        corpus, max(1, cfg.eval.val_speakers), cfg.train.seed
-    )
     speaker_of = corpus.speaker_of()
     train_ids = [i for i in corpus.ids if speaker_of[i] in train_speakers]
     val_ids = [i for i in corpus.ids if speaker_of[i] in val_speakers]
@@ -66,7 +68,7 @@ def run_train(args) -> int:
         )
     print(
         f"{corpus!r}\ntrain: {len(train_ids)} utterances ({', '.join(train_speakers)}); "
-        f"validation: {len(val_ids)} ({', '.join(val_speakers)})",
+        f"validation: {len(val_ids)} ({', '.join(val_speakers) or NO_VALIDATION})",
         flush=True,
     )
     return _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_speakers)
@@ -86,7 +88,7 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
 
     def member_split(j):
         """Member j's (train ids, val ids): other validation speakers under `rotate`."""
-        if j == 0 or cfg.train.ensemble_val == "fixed":
+        if j == 0 or cfg.train.ensemble_val == "fixed" or not val_ids:
             return train_ids, val_ids
         _, member_val = split_speakers(corpus, len(val_speakers), cfg.train.seed + j)
         return (
@@ -97,7 +99,7 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     run_dir = Path(args.run_dir or Path(cfg.train.output_dir) / "train")
     # Length-bucketed batches for training and validation alike (validation batches come
     # sorted by length; `exp.predict` puts its predictions back in the order of `val_ids`).
-    val_ds = exp.dataset(val_ids, False)
+    val_ds = exp.dataset(val_ids, False) if val_ids else None
     n_members = cfg.train.ensemble
     results = []
     for j in range(n_members):
@@ -108,14 +110,14 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
             speakers = sorted({speaker_of[i] for i in member_val})
             print(
                 f"ensemble member {j + 1}/{n_members} (seed {member_cfg.train.seed}, "
-                f"validation speakers {', '.join(speakers)})",
+                f"validation speakers {', '.join(speakers) or 'none'})",
                 flush=True,
             )
         results.append(
             exp.fit(
                 member_cfg,
                 member_train,
-                val_ds if j == 0 else exp.dataset(member_val, False),
+                val_ds if j == 0 or not member_val else exp.dataset(member_val, False),
                 run_dir if j == 0 else run_dir / f"member_{j + 1}",
                 strategy=strategy,
             )
@@ -137,8 +139,10 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
     scored = plain
     if n_members > 1 and cfg.train.ensemble_val == "rotate":
         scored = copies[0][0] if len(copies[0]) == 1 else ensemble_model(copies[0])
-    pred = exp.predict(scored, val_ids, val_ds).argmax(-1)
-    metrics = compute_metrics(corpus.label_ids(val_ids), pred, cfg.model.num_classes)
+    metrics = None
+    if val_ids:
+        pred = exp.predict(scored, val_ids, val_ds).argmax(-1)
+        metrics = compute_metrics(corpus.label_ids(val_ids), pred, cfg.model.num_classes)
     normalizer = exp.normalizer
     is_chief, _ = worker_role(strategy)
     if is_chief:
@@ -151,12 +155,27 @@ def _train(args, cfg, strategy, corpus, train_ids, val_ids, train_speakers, val_
             "n_val": len(val_ids),
         }
         (run_dir / "split.json").write_text(json.dumps(split, indent=1))
-        report = {**metrics, "confusion": metrics["confusion"].tolist(), "labels": corpus.labels}
-        report.update(best_epoch=result.best_epoch, monitor=result.monitor)
-        (run_dir / "val_metrics.json").write_text(json.dumps(report, indent=1))
+        if metrics is not None:
+            report = {
+                **metrics,
+                "confusion": metrics["confusion"].tolist(),
+                "labels": corpus.labels,
+            }
+            report.update(best_epoch=result.best_epoch, monitor=result.monitor)
+            (run_dir / "val_metrics.json").write_text(json.dumps(report, indent=1))
+        else:  # a stale report of an earlier run in this folder must not pass for this one
+            (run_dir / "val_metrics.json").unlink(missing_ok=True)
         if normalizer is not None:
             (run_dir / "norm_stats.json").write_text(json.dumps(normalizer.to_dict()))
     best = "none" if result.best_epoch is None else f"{result.best_epoch + 1}"
+    if metrics is None:
+        print(
+            f"last epoch {best}/{cfg.train.epochs} kept (no validation speakers: trained on "
+            f"all {len(train_speakers)} speakers{_checkpoint_note(results[0])})\n"
+            f"run folder: {run_dir}" + (f"\nmodel: {run_dir / 'best.keras'}" if is_chief else ""),
+            flush=True,
+        )
+        return 0
     print(
         f"best epoch {best}/{cfg.train.epochs} by {result.monitor}; validation speakers "
         f"({', '.join(val_speakers)}"

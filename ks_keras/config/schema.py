@@ -269,7 +269,8 @@ class EvalConfig:
     n_folds: int = 5
     # Validation speakers held out of each fold's training speakers (honest protocol); 0 =
     # none: every non-test speaker trains, the fixed schedule runs and the last epoch (the
-    # last k for train.checkpoint_ensemble: k) is kept (`ks-keras evaluate` / `demo` only).
+    # last k for train.checkpoint_ensemble: k) is kept (`ks-keras train` then trains on every
+    # speaker; `ks-keras tune` needs at least 1).
     val_speakers: int = 1
     repeats: int = 1
     max_folds: int | None = None
