@@ -166,7 +166,7 @@ class Experiment:
         `ks_keras.training.FitResult`."""
         from ks_keras.model import build_model
         from ks_keras.training import fit
-        from ks_keras.training.loop import LAST_EPOCH
+        from ks_keras.training.callbacks import LAST_EPOCH
 
         return fit(
             lambda: build_model(member_cfg),

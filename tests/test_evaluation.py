@@ -200,3 +200,19 @@ def test_attention_plot(tmp_path):
     }
     plot_attention(att, tmp_path / "attention.png")
     assert (tmp_path / "attention.png").stat().st_size > 1000
+
+
+def test_only_the_honest_protocol_without_validation_speakers_reads_as_a_fixed_schedule():
+    from dataclasses import replace
+
+    for protocol, fixed in (("honest", True), ("paper", False)):
+        cv = _cv(protocol=protocol, repeats=1)
+        cfg = config_from_dict(
+            cv.config.to_dict(), ["eval.val_speakers=0", "train.checkpoint_ensemble=2"]
+        )
+        cv = replace(cv, config=cfg)
+        table = results_table(cv)
+        assert ("fixed schedule, last epoch" in cv.title) is fixed
+        assert ("last 2 epochs averaged" in table) is fixed
+        assert ("2 best epochs averaged" in table) is not fixed
+        assert ("eval.val_speakers: 0" in cv.protocol_note) is fixed

@@ -50,7 +50,7 @@ def run_train(args) -> int:
     corpus = load_corpus(cfg.data)
     check_classes(cfg, corpus, hint="; set model.num_classes or data.labels")
     check_model_dims(cfg)
-    if cfg.eval.protocol == "honest" and cfg.eval.val_speakers == 0:
+    if cfg.eval.fixed_schedule:
         # No validation speakers: every speaker trains the fixed schedule, last epoch kept.
         train_speakers, val_speakers = sorted(corpus.speakers), []
     else:

@@ -277,6 +277,12 @@ class EvalConfig:
     report_dir: str = "reports"
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
+    @property
+    def fixed_schedule(self) -> bool:
+        """No validation speakers under the honest protocol (`val_speakers: 0`): the fixed
+        schedule runs and its last epoch (last k checkpoints) is kept."""
+        return self.protocol == "honest" and self.val_speakers == 0
+
 
 @dataclass
 class ExportConfig:

@@ -148,7 +148,7 @@ def validate_config(cfg: Config) -> None:
     _check(e.val_speakers >= 0, "eval.val_speakers", "an integer >= 0", e.val_speakers)
     _check(e.repeats >= 1, "eval.repeats", "an integer >= 1", e.repeats)
     _check(e.n_folds >= 2, "eval.n_folds", "an integer >= 2", e.n_folds)
-    if e.protocol == "honest" and e.val_speakers == 0:
+    if e.fixed_schedule:
         _check(
             t.early_stopping_patience == 0,
             "train.early_stopping_patience",

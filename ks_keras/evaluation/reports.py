@@ -84,7 +84,7 @@ def results_table(cv: CVResult, summary: dict | None = None) -> str:
     name = "KS-T + CCAB" if ensemble == 1 else f"KS-T + CCAB, {ensemble}-seed ensemble"
     checkpoints = cv.config.train.checkpoint_ensemble
     if checkpoints > 1:
-        kept = f"last {checkpoints}" if cv.config.eval.val_speakers == 0 else f"{checkpoints} best"
+        kept = f"last {checkpoints}" if cv.config.eval.fixed_schedule else f"{checkpoints} best"
         name += f", {kept} epochs averaged" + (" each" if ensemble > 1 else "")
     lines.append(f"  {name}")
     lines.append(f"  {'':<12}  WA {_fmt(p['wa'])}   UA {_fmt(p['ua'])}   F1 {_fmt(p['macro_f1'])}")

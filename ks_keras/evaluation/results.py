@@ -65,7 +65,7 @@ class CVResult:
         base = f"KS-T + CCAB on {self.corpus_name} ({len(self.labels)} classes)"
         if self.protocol == "paper":
             return f"{base} - PAPER PROTOCOL (best epoch chosen on the test fold)"
-        if self.config.eval.val_speakers == 0:
+        if self.config.eval.fixed_schedule:
             return f"{base} - speaker-independent, fixed schedule, last epoch"
         return f"{base} - speaker-independent, validation speakers held out"
 
@@ -73,7 +73,7 @@ class CVResult:
     def protocol_note(self) -> str:
         if self.protocol == "paper":
             return PAPER_PROTOCOL_NOTE
-        if self.config.eval.val_speakers == 0:
+        if self.config.eval.fixed_schedule:
             return FIXED_SCHEDULE_NOTE
         return HONEST_PROTOCOL_NOTE
 

@@ -18,7 +18,7 @@ from ks_keras.evaluation.results import CVResult, FoldResult
 from ks_keras.experiment import Experiment, check_classes
 from ks_keras.folds import Fold, make_folds, rotate_validation
 from ks_keras.metrics import compute_metrics
-from ks_keras.training.callbacks import CHECKPOINT_DIR
+from ks_keras.training.callbacks import CHECKPOINT_DIR, LAST_EPOCH
 
 # ---------------------------------------------------------------------------------------------
 # Running
@@ -181,10 +181,10 @@ def cross_validate(
             best_values = [
                 m[0].best_value
                 for m in members
-                if m[0].best_value is not None and m[0].monitor != "epoch"
+                if m[0].best_value is not None and m[0].monitor != LAST_EPOCH
             ]
             ensemble_values = [m[2] for m in members if m[2] is not None]
-            if not fold.val_ids and protocol == "honest":
+            if cfg.eval.fixed_schedule:
                 val_note = "no validation speakers: last epoch"
             elif best_values:
                 val_note = f"val UA {np.mean(best_values):.3f}"

@@ -32,6 +32,11 @@ RESUME_IGNORED = (
 )
 
 
+# Monitor that keeps the last epoch (and the last k for a checkpoint ensemble): training on a
+# fixed schedule without validation data, so nothing is chosen on any held-out speaker.
+LAST_EPOCH = "epoch"
+
+
 class TrainingDivergedError(ValueError):
     """The loss (or the weights) became NaN/inf; the message names the epoch and what to do."""
 
@@ -139,9 +144,9 @@ class RunLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         self._check_finite(epoch, logs)
-        # `monitor="epoch"` (a fixed schedule without validation data): every epoch
-        # "improves", so the last one (and the last k checkpoints) are kept.
-        by_epoch = self.monitor == "epoch"
+        # `LAST_EPOCH` (a fixed schedule without validation data): every epoch "improves",
+        # so the last one (and the last k checkpoints) are kept.
+        by_epoch = self.monitor == LAST_EPOCH
         if not by_epoch and self.monitor not in logs:
             raise ValueError(
                 f"monitor {self.monitor!r} is not among the logged values {sorted(logs)}"

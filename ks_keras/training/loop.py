@@ -19,6 +19,7 @@ from ks_keras.training.callbacks import (
     BACKUP_DIR,
     BEST_WEIGHTS,
     CHECKPOINT_DIR,
+    LAST_EPOCH,
     RunLog,
     SafeBackupAndRestore,
     check_resume_config,
@@ -31,9 +32,6 @@ from ks_keras.training.strategy import get_strategy, worker_role
 
 # Metrics `compile_model` attaches; `monitor` must be one of these, optionally `val_`-prefixed.
 MONITORABLE = ("loss", "accuracy", "ua")
-# Monitor that keeps the last epoch (and the last k for a checkpoint ensemble): training on a
-# fixed schedule without validation data, so nothing is chosen on any held-out speaker.
-LAST_EPOCH = "epoch"
 
 
 # ---------------------------------------------------------------------------------------------
