@@ -42,8 +42,13 @@ DEFAULT_VARIANTS = [
         ["train.ensemble=3", *_VALIDATED],
     ),
     (
-        "+ ComParE functionals input, no validation speakers, last epoch (emodb_accurate)",
+        "+ ComParE functionals input, no validation speakers, last epoch",
         ["train.ensemble=1", "eval.val_speakers=0"],
+    ),
+    (
+        "+ ComParE functionals input, no validation speakers, last epoch, 3-seed ensemble"
+        " (emodb_accurate)",
+        ["train.ensemble=3", "eval.val_speakers=0"],
     ),
 ]
 

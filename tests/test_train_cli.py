@@ -298,3 +298,29 @@ def test_train_without_validation_speakers_uses_every_speaker_and_keeps_the_last
     assert not (run_dir / "val_metrics.json").exists()
     assert json.loads((run_dir / "best.json").read_text())["epoch"] == 1
     assert (run_dir / "best.keras").is_file()
+
+
+def test_seed_ensemble_without_validation_speakers_trains_every_member_on_every_speaker(
+    tmp_path, capsys
+):
+    from ks_keras.ensemble import ensemble_members
+
+    config = _config(tmp_path, _write_corpus(tmp_path / "wav"), ensemble=2)
+    run_dir = tmp_path / "run"
+    rc = main(
+        ["train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"]
+        + ["--set", "eval.val_speakers=0"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("validation speakers none") == 2
+    for folder in (run_dir, run_dir / "member_2"):
+        # Each member keeps its own last epoch; none holds speakers out.
+        assert json.loads((folder / "best.json").read_text())["epoch"] == 1
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["val_speakers"] == [] and split["n_train"] == 18
+    assert not (run_dir / "val_metrics.json").exists()
+    members = ensemble_members(keras.saving.load_model(run_dir / "best.keras"))
+    assert [m.name for m in members] == ["member_1", "member_2"]
+    first, second = (m.get_weights() for m in members)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, second, strict=True))
