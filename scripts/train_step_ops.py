@@ -68,6 +68,8 @@ def model_options(pairs: list[str]) -> dict:
 
 def step_operations(options: dict, batch: int, audio_len: int, text_len: int) -> list[str]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import ks_keras  # noqa: F401, I001  (first: it turns oneDNN on before TensorFlow loads)
+
     import keras
     import tensorflow as tf
 

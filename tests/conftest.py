@@ -9,6 +9,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # shared helper modules (`_tiny`) are imported by name, so this folder goes on the path.
 sys.path.append(str(Path(__file__).parent))
 
+# ks_keras before TensorFlow, as in the CLI: it turns TensorFlow's oneDNN kernels on for CPUs
+# where TensorFlow would not (ks_keras/runtime.py), so the suite runs the kernels users get.
+# isort: off
+import ks_keras  # noqa: E402, F401
+
+# isort: on
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -24,6 +24,8 @@ def test_info_prints_versions_and_parameter_count(capsys):
     assert rc == 0
     assert "tensorflow" in out and "keras" in out and "strategy" in out
     assert "trainable parameters:" in out
+    # Whether TensorFlow runs its oneDNN kernels, and who decided (ks_keras/runtime.py).
+    assert "oneDNN CPU kernels: " in out and "TensorFlow's own default on this CPU: " in out
 
 
 def test_bad_override_is_a_clean_error(capsys):

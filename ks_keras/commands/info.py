@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ks_keras import runtime
 from ks_keras.info import describe_strategy_choice, package_versions
 
 
@@ -20,6 +21,12 @@ def run_info(args) -> int:
         print(f"  {d.device_type:4s} {d.name}")
     print(f"strategy (train.strategy=auto): {describe_strategy_choice(len(gpus))}")
     print(f"built with CUDA: {tf.test.is_built_with_cuda()}")
+    onednn = runtime.onednn_status()
+    on_off = {True: "on", False: "off", None: "unknown"}
+    print(
+        f"oneDNN CPU kernels: {on_off[onednn['enabled']]} ({onednn['source']}; TensorFlow's "
+        f"own default on this CPU: {on_off[onednn['tensorflow_default']]})"
+    )
 
     if args.config or args.overrides:
         from ks_keras.model import build_model, count_trainable_params
