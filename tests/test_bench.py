@@ -1,6 +1,7 @@
 """The benchmark runs on a tiny config and writes a complete JSON report (no timing checks)."""
 
 import json
+import re
 
 import pytest
 
@@ -19,7 +20,7 @@ SUMMARY_KEYS = {
     "reference",
     "targets",
 }
-COMPARISONS = {"xla", "precision", "attention", "pipeline", "lengths"}
+COMPARISONS = {"xla", "precision", "onednn", "attention", "pipeline", "lengths"}
 
 
 def _fake_child(
@@ -85,10 +86,10 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
     out = tmp_path / "bench.json"
     report = bench.run_benchmark(output=out, progress=None)
     kinds = [c["kind"] for c in calls]
-    # train 16 + 32, their XLA/precision twins, inference (+ XLA twin), latency (plain,
+    # train 16 + 32, their XLA/precision/oneDNN twins, inference (+ XLA twin), latency (plain,
     # through the serving graph, and that with one thread per op), 4 attention runs, the
     # pipeline: each a separate child.
-    assert kinds.count("train") == 4 and kinds.count("infer") == 2
+    assert kinds.count("train") == 5 and kinds.count("infer") == 2
     assert kinds.count("attention") == 4 and kinds.count("latency") == 3
     latency = [c for c in calls if c["kind"] == "latency"]
     assert [c.get("serving") for c in latency] == [None, "crop", "crop"]
@@ -109,9 +110,10 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
         "float32",
         "mixed_bfloat16",
     }
-    # The XLA / precision twins are comparisons: one warm-up step, at most two timed steps.
+    # The XLA / precision / oneDNN twins are comparisons: one warm-up step, at most two timed
+    # steps.
     twins = [c for c in calls if c.get("short")]
-    assert len(twins) == 3 and all(c["warmup"] == 1 and c["repeats"] <= 2 for c in twins)
+    assert len(twins) == 4 and all(c["warmup"] == 1 and c["repeats"] <= 2 for c in twins)
     # Paper shapes reach the children.
     assert calls[0]["audio_len"] == 460 and calls[0]["text_len"] == 20
     assert calls[0]["model"]["audio_dim"] == 512 and calls[0]["model"]["n_ccab"] == 3
@@ -288,6 +290,45 @@ def test_full_quick_run_through_the_cli(tmp_path, capsys):
     c = saved["summary"]["comparisons"]
     assert c["xla"]["train_speedup_jit_on"] > 0 and c["precision"]["mixed_speedup"] > 0
     assert c["attention"]["ratio_fwd"] > 0 and c["attention"]["ratio_fwd_bwd"] > 0
+
+
+@pytest.mark.parametrize("user_value, twin", [(None, "off"), ("1", "off"), ("0", "on")])
+def test_the_onednn_twin_flips_what_the_other_measures_get(
+    monkeypatch, tmp_path, capsys, user_value, twin
+):
+    run_child, calls = _fake_child()
+    envs = {}
+
+    def with_env(spec, timeout_s, env=None):
+        res = run_child(spec, timeout_s, env)
+        envs[len(calls) - 1] = env
+        if env and env.get("TF_ENABLE_ONEDNN_OPTS") == "0" and "median_s" in res:
+            res["median_s"] *= 1.8  # Eigen's kernels: slower
+        elif twin == "on" and spec["kind"] == "train" and not env:
+            res["median_s"] *= 1.8  # the user switched oneDNN off for the headline
+        enabled = (env or {}).get("TF_ENABLE_ONEDNN_OPTS", "0" if twin == "on" else "1") == "1"
+        res["onednn"] = {"enabled": enabled, "source": "test", "tensorflow_default": False}
+        return res
+
+    if user_value is None:
+        monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    else:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", user_value)
+    monkeypatch.setattr(bench_runner, "run_child", with_env)
+    monkeypatch.setattr(bench_runner, "_gpu_present", lambda: False)
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "--only", "train,onednn", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    names = list(json.loads(out.read_text())["results"])
+    assert names[-1] == f"train_b32_onednn_{twin}"
+    assert envs[len(calls) - 1] == {"TF_ENABLE_ONEDNN_OPTS": "1" if twin == "on" else "0"}
+    assert all(envs[i] is None for i in range(len(calls) - 1))  # the others: as the parent
+    c = json.loads(out.read_text())["summary"]["comparisons"]["onednn"]
+    assert c["speedup"] == pytest.approx(1.8) and c["train_step_s_off"] > c["train_step_s_on"]
+    assert re.search(r"oneDNN speed-up, train \(vs Eigen kernels\)\s+1\.80\n", printed)
+    # The headline line describes the other measures (the twin flips the setting on purpose).
+    state = "off" if twin == "on" else "on"
+    assert f"TensorFlow oneDNN kernels: {state} (test; TensorFlow's own default on " in printed
 
 
 def test_a_comparison_twin_that_times_out_is_reported_not_fatal(monkeypatch, tmp_path, capsys):

@@ -123,6 +123,7 @@ from ks_keras.bench.table import (
     _fmt,
     _stored_reference_lines,
     describe_cpu,
+    describe_onednn,
     format_table,
 )
 
@@ -171,6 +172,7 @@ __all__ = [
     "child_main",
     "cpu_info",
     "describe_cpu",
+    "describe_onednn",
     "format_table",
     "plan_measures",
     "realistic_lengths",

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ks_keras import bench_reference
+from ks_keras import bench_reference, runtime
 from ks_keras.bench.child import (
     _build_compiled_model,
     _peak_rss_gib,
@@ -344,6 +344,7 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     import tensorflow as tf
 
     result["devices"] = [d.device_type for d in tf.config.list_physical_devices()]
+    result["onednn"] = runtime.onednn_status()
     return result
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
+from ks_keras import runtime
 from ks_keras.bench.child import _cores
 from ks_keras.bench.settings import _plan
 from ks_keras.config import Config
@@ -28,6 +30,14 @@ def resolve_settings(jit: str, precision: str, gpu: bool) -> tuple[bool, str, st
         raise ValueError(f"--precision: expected auto, float32 or mixed, got {precision!r}")
     other = "float32" if policy != "float32" else mixed
     return use_jit, policy, other
+
+
+def onednn_twin() -> str:
+    """`on` or `off`: the oneDNN setting of the `onednn` comparison, the opposite of what
+    this process's children get (ks_keras sets TF_ENABLE_ONEDNN_OPTS=1 unless the user set
+    it; TensorFlow reads `0`/`false` as off)."""
+    value = os.environ.get(runtime.ONEDNN_ENV, "1").strip().lower()
+    return "on" if value in ("0", "false") else "off"
 
 
 def plan_measures(
@@ -143,6 +153,19 @@ def plan_measures(
             batch=big,
             jit=use_jit,
             precision=other,
+            **short,
+        )
+    if "onednn" in only:
+        # TensorFlow's oneDNN kernels flipped (ks_keras turns them on, runtime.py; without them
+        # TensorFlow runs Eigen's AVX-only kernels): what the choice is worth on this CPU.
+        flip = onednn_twin()
+        add(
+            f"train_b{big}_onednn_{flip}",
+            kind="train",
+            batch=big,
+            jit=use_jit,
+            precision=policy,
+            env={runtime.ONEDNN_ENV: "1" if flip == "on" else "0"},
             **short,
         )
     if "attention" in only:

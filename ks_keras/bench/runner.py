@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ks_keras import bench_reference
+from ks_keras import bench_reference, runtime
 from ks_keras.bench.child import _cores
 from ks_keras.bench.plan import plan_measures, resolve_settings
 from ks_keras.bench.settings import (
@@ -159,7 +159,9 @@ def run_benchmark(
             progress(f"[{i}/{len(plan)}] {name} (free memory {_free_memory_gib()} GiB) ...")
         # A comparison twin gets at most 10 min: XLA training on CPU may not even finish
         # compiling in that time, which is itself the answer (reported, not fatal).
-        res = run_child(spec, min(timeout, 600) if spec.get("short") else timeout)
+        res = run_child(
+            spec, min(timeout, 600) if spec.get("short") else timeout, env=spec.get("env")
+        )
         if spec.get("short") and "error" in res:
             res["comparison_only"] = True
         results[name] = res
@@ -224,22 +226,13 @@ def cpu_info() -> dict[str, Any]:
     """This machine's CPU: model name, architecture, cores this process may use and the
     `CPU_FLAGS` it has (from /proc/cpuinfo; `platform` where that does not exist, flags None).
     """
-    model, flags = None, None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if model is None and key in ("model name", "cpu model", "hardware"):
-                model = value.strip()
-            elif flags is None and key in ("flags", "features"):
-                flags = set(value.split())
-    except OSError:
-        pass
+    model, flags = runtime.read_cpuinfo()
     return {
         "model": model or platform.processor() or platform.machine() or None,
         "machine": platform.machine() or None,
         "cores": _cores(),
         "flags": None if flags is None else [f for f in CPU_FLAGS if f in flags],
+        "tensorflow_default_onednn": runtime.tensorflow_default_onednn(),
     }
 
 

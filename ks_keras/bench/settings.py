@@ -57,7 +57,17 @@ CPU_FLAGS = (
     "i8mm",
 )
 
-MEASURES = ("train", "infer", "latency", "attention", "xla", "precision", "pipeline", "lengths")
+MEASURES = (
+    "train",
+    "infer",
+    "latency",
+    "attention",
+    "xla",
+    "precision",
+    "onednn",
+    "pipeline",
+    "lengths",
+)
 # The batch-1 latency measures: (measure name = ratio and target key, summary key in ms,
 # table label).
 LATENCY_MEASURES = (

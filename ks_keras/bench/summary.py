@@ -72,6 +72,22 @@ def _precision_comparison(get: _Getter, big: int, policy: str, other: str) -> di
     }
 
 
+def _onednn_comparison(get: _Getter, big: int, results: dict[str, Any]) -> dict[str, Any]:
+    """Training with TensorFlow's oneDNN kernels on vs off (Eigen), same run."""
+    twin = next((k for k in results if k.startswith(f"train_b{big}_onednn_")), None)
+    if twin is None:
+        return {"batch": big, "train_step_s_on": None, "train_step_s_off": None, "speedup": None}
+    headline, other = get(f"train_b{big}", "median_s"), get(twin, "median_s")
+    t_on, t_off = (other, headline) if twin.endswith("_on") else (headline, other)
+    return {
+        "batch": big,
+        "train_step_s_on": t_on,
+        "train_step_s_off": t_off,
+        "speedup": _ratio(t_off, t_on),
+        "train_peak_rss_gib_twin": get(twin, "peak_rss_gib"),
+    }
+
+
 def _attention_comparison(get: _Getter) -> dict[str, Any]:
     att = {
         k: get(f"attention_{k}", "median_s")
@@ -219,6 +235,7 @@ def summarize(
     c = summary["comparisons"]
     c["xla"] = _xla_comparison(get, big, p["infer_batch"], use_jit)
     c["precision"] = _precision_comparison(get, big, policy, other)
+    c["onednn"] = _onednn_comparison(get, big, results)
     c["attention"] = _attention_comparison(get)
     c["pipeline"] = _pipeline_comparison(get, results, big)
     c["lengths"] = _lengths_comparison(get, p["lengths_samples"])

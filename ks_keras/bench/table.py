@@ -27,6 +27,27 @@ def describe_cpu(cpu: dict[str, Any]) -> str:
     )
 
 
+def describe_onednn(report: dict[str, Any]) -> str | None:
+    """One line saying whether TensorFlow's oneDNN kernels ran in our measures, who decided,
+    and TensorFlow's own default on this CPU (ks_keras/runtime.py); None if no measure said.
+    The `onednn` comparison's twin flips the setting on purpose and is left out."""
+    states = [
+        r["onednn"]
+        for name, r in report["results"].items()
+        if "_onednn_" not in name and isinstance(r, dict) and isinstance(r.get("onednn"), dict)
+    ]
+    if not states:
+        return None
+    enabled = {st.get("enabled") for st in states}
+    state = {frozenset({True}): "on", frozenset({False}): "off"}.get(frozenset(enabled), "mixed")
+    default = (report["meta"].get("cpu") or {}).get("tensorflow_default_onednn")
+    default_text = {True: "on", False: "off", None: "unknown"}[default]
+    return (
+        f"TensorFlow oneDNN kernels: {state} ({states[0].get('source')}; "
+        f"TensorFlow's own default on this CPU: {default_text})"
+    )
+
+
 def _stored_reference_lines() -> list[str]:
     ref = STORED_REFERENCE
     train = ", ".join(
@@ -101,7 +122,7 @@ def _vs_reference_rows(
 
 
 def _comparison_rows(row: _Row, report: dict[str, Any], p: dict[str, Any], big: int) -> None:
-    """Our side only: attention, XLA, precision, input pipeline and realistic lengths."""
+    """Our side only: attention, XLA, precision, oneDNN, input pipeline, realistic lengths."""
     s = report["summary"]
     a = s["comparisons"]["attention"]
     attention_target = f"<= {TARGETS['key_sparse_vs_dense_max']}"
@@ -118,6 +139,7 @@ def _comparison_rows(row: _Row, report: dict[str, Any], p: dict[str, Any], big: 
     row("XLA speed-up, inference", _fmt(x["infer_speedup_jit_on"]))
     pr = s["comparisons"]["precision"]
     row(f"{pr['mixed_policy']} speed-up, train", _fmt(pr["mixed_speedup"]))
+    row("oneDNN speed-up, train (vs Eigen kernels)", _fmt(s["comparisons"]["onednn"]["speedup"]))
     pi = s["comparisons"]["pipeline"]
     row("tf.data samples/s", _fmt(pi["pipeline_samples_per_s"], ".0f"))
     row(
@@ -154,6 +176,9 @@ def _head_lines(report: dict[str, Any], quick: bool) -> list[str]:
         f"precision {meta['precision']}, jit_compile {meta['jit_compile']})",
         describe_cpu(meta.get("cpu") or {"model": meta.get("processor")}),
     ]
+    onednn = describe_onednn(report)
+    if onednn:
+        head.append(onednn)
     ref_meta = report.get("reference")
     if ref_meta:
         head.append(
