@@ -321,7 +321,10 @@ def test_the_onednn_twin_flips_what_the_other_measures_get(
     printed = capsys.readouterr().out
     names = list(json.loads(out.read_text())["results"])
     assert names[-1] == f"train_b32_onednn_{twin}"
-    assert envs[len(calls) - 1] == {"TF_ENABLE_ONEDNN_OPTS": "1" if twin == "on" else "0"}
+    assert envs[len(calls) - 1] == {
+        "TF_ENABLE_ONEDNN_OPTS": "1" if twin == "on" else "0",
+        "KS_KERAS_SET_ONEDNN": "bench",
+    }
     assert all(envs[i] is None for i in range(len(calls) - 1))  # the others: as the parent
     c = json.loads(out.read_text())["summary"]["comparisons"]["onednn"]
     assert c["speedup"] == pytest.approx(1.8) and c["train_step_s_off"] > c["train_step_s_on"]

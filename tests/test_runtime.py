@@ -76,6 +76,18 @@ def test_tensorflow_loaded_first_with_onednn_off_warns(monkeypatch):
         runtime.prefer_onednn()
 
 
+def test_the_status_names_who_set_the_variable(monkeypatch):
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    monkeypatch.setenv("KS_KERAS_SET_ONEDNN", "bench")
+    assert runtime.onednn_status()["source"] == (
+        "TF_ENABLE_ONEDNN_OPTS=0 (set by the bench's oneDNN comparison)"
+    )
+    monkeypatch.delenv("KS_KERAS_SET_ONEDNN")
+    assert runtime.onednn_status()["source"] == "TF_ENABLE_ONEDNN_OPTS=0 (set by the user)"
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    assert runtime.onednn_status()["source"] == "TensorFlow's default for this CPU"
+
+
 def test_a_set_variable_is_never_touched(monkeypatch):
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "false")
     monkeypatch.setattr(runtime, "onednn_enabled", lambda: False)

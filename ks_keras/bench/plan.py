@@ -165,7 +165,7 @@ def plan_measures(
             batch=big,
             jit=use_jit,
             precision=policy,
-            env={runtime.ONEDNN_ENV: "1" if flip == "on" else "0"},
+            env={runtime.ONEDNN_ENV: "1" if flip == "on" else "0", runtime.MARKER_ENV: "bench"},
             **short,
         )
     if "attention" in only:
