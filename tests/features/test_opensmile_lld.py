@@ -168,10 +168,12 @@ def test_shapes_dtype_and_frame_grid(extractor, features):
 
 
 @needs_opensmile
-def test_same_wave_gives_identical_output(extractor, features):
+def test_same_wave_gives_identical_output(extractor, features, f32_close):
+    # Up to float32 rounding: the log-mel part is a matmul whose kernel (oneDNN with AVX2 or
+    # AVX-512 code) may block another batch, or another row of the same batch, differently.
     again = extractor.extract([WAVES[0], WAVES[0]])
-    np.testing.assert_array_equal(again[0], features[0])
-    np.testing.assert_array_equal(again[1], features[0])
+    f32_close(again[0], features[0], err_msg=extractor.name)
+    f32_close(again[1], features[0], err_msg=extractor.name)
 
 
 @needs_opensmile
