@@ -8,8 +8,9 @@ Every other CPU (AMD EPYC Zen 2/3, Intel Xeon before Cascade Lake) gets Eigen's 
 which the wheel compiles for AVX without FMA ("rebuild TensorFlow with the appropriate
 compiler flags: AVX2 FMA" at start-up). With them a paper-size training step took 1.6-1.7x
 as long as with oneDNN in the same run (docs/performance.md, issue 16), while PyTorch
-dispatches to AVX2/FMA on the same CPU. Importing ``ks_keras`` therefore sets ``TF_ENABLE_ONEDNN_OPTS=1`` when the
-variable is unset and TensorFlow is not loaded yet; a value the user set always wins
+dispatches to AVX2/FMA on the same CPU. Importing ``ks_keras`` therefore sets
+``TF_ENABLE_ONEDNN_OPTS=1`` when the variable is unset and TensorFlow is not loaded yet; a
+value the user set always wins
 (``TF_ENABLE_ONEDNN_OPTS=0`` restores Eigen). TensorFlow reads the variable once, when it
 loads: if it was imported before ``ks_keras`` with oneDNN off, ``prefer_onednn`` warns.
 
@@ -57,12 +58,14 @@ def read_cpuinfo() -> tuple[str | None, set[str] | None]:
     return model, flags
 
 
-def tensorflow_default_onednn() -> bool | None:
+def tensorflow_default_onednn(flags: set[str] | None = None) -> bool | None:
     """Whether TensorFlow would turn oneDNN on by itself on this CPU (Linux x86-64 wheels);
-    None where that cannot be told (no /proc/cpuinfo, not x86-64)."""
+    None where that cannot be told (no /proc/cpuinfo, not x86-64). `flags`: this CPU's
+    `read_cpuinfo()` flags when the caller has them already."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    _, flags = read_cpuinfo()
+    if flags is None:
+        _, flags = read_cpuinfo()
     if flags is None:
         return None
     return any(flag in flags for flag in ONEDNN_DEFAULT_FLAGS)
@@ -115,3 +118,10 @@ def onednn_status() -> dict[str, object]:
         "source": source,
         "tensorflow_default": tensorflow_default_onednn(),
     }
+
+
+def describe_onednn_state(state: str, source: str, tensorflow_default: bool | None) -> str:
+    """`state` (on / off / mixed / unknown), who decided, and TensorFlow's own default on this
+    CPU, as `ks-keras info` and the bench's table head print them."""
+    default = {True: "on", False: "off", None: "unknown"}[tensorflow_default]
+    return f"{state} ({source}; TensorFlow's own default on this CPU: {default})"

@@ -1,6 +1,7 @@
 """ks_keras/runtime.py: TensorFlow's oneDNN kernels on for every x86-64 CPU, unless the user
 says otherwise; TensorFlow imported first is reported, not silently slow."""
 
+import json
 import os
 import subprocess
 import sys
@@ -32,8 +33,6 @@ def _probe(env_value):
         [sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=False
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    import json
-
     line = [x for x in out.stdout.splitlines() if x.startswith("STATUS ")][-1]
     return json.loads(line[len("STATUS ") :])
 
@@ -112,6 +111,7 @@ def test_tensorflow_default_follows_its_cpu_feature_rule(monkeypatch, flags, exp
     monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(runtime, "read_cpuinfo", lambda: ("cpu", flags))
     assert runtime.tensorflow_default_onednn() is expected
+    assert runtime.tensorflow_default_onednn(flags) is expected  # flags the caller read
 
 
 def test_not_x86_is_unknown(monkeypatch):

@@ -232,7 +232,7 @@ def cpu_info() -> dict[str, Any]:
         "machine": platform.machine() or None,
         "cores": _cores(),
         "flags": None if flags is None else [f for f in CPU_FLAGS if f in flags],
-        "tensorflow_default_onednn": runtime.tensorflow_default_onednn(),
+        "tensorflow_default_onednn": runtime.tensorflow_default_onednn(flags),
     }
 
 

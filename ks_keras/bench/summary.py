@@ -76,7 +76,13 @@ def _onednn_comparison(get: _Getter, big: int, results: dict[str, Any]) -> dict[
     """Training with TensorFlow's oneDNN kernels on vs off (Eigen), same run."""
     twin = next((k for k in results if k.startswith(f"train_b{big}_onednn_")), None)
     if twin is None:
-        return {"batch": big, "train_step_s_on": None, "train_step_s_off": None, "speedup": None}
+        return {
+            "batch": big,
+            "train_step_s_on": None,
+            "train_step_s_off": None,
+            "speedup": None,
+            "train_peak_rss_gib_twin": None,
+        }
     headline, other = get(f"train_b{big}", "median_s"), get(twin, "median_s")
     t_on, t_off = (other, headline) if twin.endswith("_on") else (headline, other)
     return {

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ks_keras.bench.settings import CPU_FLAGS, LATENCY_MEASURES, STORED_REFERENCE, TARGETS, _plan
+from ks_keras.runtime import describe_onednn_state
 
 
 def _fmt(value, spec=".2f", suffix=""):
@@ -41,11 +42,8 @@ def describe_onednn(report: dict[str, Any]) -> str | None:
     enabled = {st.get("enabled") for st in states}
     state = {frozenset({True}): "on", frozenset({False}): "off"}.get(frozenset(enabled), "mixed")
     default = (report["meta"].get("cpu") or {}).get("tensorflow_default_onednn")
-    default_text = {True: "on", False: "off", None: "unknown"}[default]
-    return (
-        f"TensorFlow oneDNN kernels: {state} ({states[0].get('source')}; "
-        f"TensorFlow's own default on this CPU: {default_text})"
-    )
+    line = describe_onednn_state(state, states[0].get("source"), default)
+    return f"TensorFlow oneDNN kernels: {line}"
 
 
 def _stored_reference_lines() -> list[str]:

@@ -22,11 +22,9 @@ def run_info(args) -> int:
     print(f"strategy (train.strategy=auto): {describe_strategy_choice(len(gpus))}")
     print(f"built with CUDA: {tf.test.is_built_with_cuda()}")
     onednn = runtime.onednn_status()
-    on_off = {True: "on", False: "off", None: "unknown"}
-    print(
-        f"oneDNN CPU kernels: {on_off[onednn['enabled']]} ({onednn['source']}; TensorFlow's "
-        f"own default on this CPU: {on_off[onednn['tensorflow_default']]})"
-    )
+    state = {True: "on", False: "off", None: "unknown"}[onednn["enabled"]]
+    line = runtime.describe_onednn_state(state, onednn["source"], onednn["tensorflow_default"])
+    print(f"oneDNN CPU kernels: {line}")
 
     if args.config or args.overrides:
         from ks_keras.model import build_model, count_trainable_params
