@@ -387,3 +387,26 @@ def test_realistic_length_measure_runs_on_a_tiny_model():
         assert 0 < result["real_step_share"] <= 1 and result["batches_per_epoch"] >= 2
         if "padded" in name:  # cropped realistic lengths fill about 40 % of 24 steps
             assert result["real_step_share"] < 0.8
+
+
+def test_profile_measures_trace_a_training_step_and_single_requests():
+    """`--only profile` plans the training-step profile and the batch-1 serving-graph profile
+    (the single-request thread setting); the latter, run in this process on the quick sizes,
+    sums op time per category, tells the projections from the attention core by name, and
+    counts the ops of a request (no timings checked)."""
+    from ks_keras.config import load_config
+
+    cfg = load_config(None, bench.QUICK_OVERRIDES)
+    plan = dict(bench.plan_measures(cfg, True, ("profile",), False, "float32", "mixed_bfloat16"))
+    assert set(plan) == {"profile_b8", "profile_latency_b1_serving_inter"}
+    spec = plan["profile_latency_b1_serving_inter"]
+    assert spec["batch"] == 1 and spec["serving"] == "crop" and spec["intra_threads"] == 1
+    # Threads are set per child process; this process's TensorFlow is already running.
+    spec = {k: v for k, v in spec.items() if k not in ("intra_threads", "inter_threads")}
+    result = bench.child_main({**spec, "distinct": 2, "warmup": 2, "repeats": 2})
+    categories = result["categories"]
+    assert "attention projections (Q, K, V, O)" in categories
+    assert "attention core (scores, softmax, weights x values)" in categories
+    assert result["forward_backward_s"]["backward"] == 0.0
+    assert result["ops_per_step"] > 100 and result["op_seconds_per_step"] > 0
+    assert sum(c["share"] for c in categories.values()) == pytest.approx(1.0, abs=0.01)

@@ -200,6 +200,23 @@ def plan_measures(
             precision=policy,
             repeats=min(2, p["repeats"]),
         )
+        # Where a single request's time goes: the batch-1 serving graph with the thread
+        # setting for single requests (as `latency_b1_serving_inter`), each distinct request
+        # traced once after a warm-up round.
+        n = p["latency_requests"]
+        add(
+            "profile_latency_b1_serving_inter",
+            kind="profile",
+            batch=1,
+            jit=False,
+            precision=policy,
+            serving="crop",
+            intra_threads=1,
+            inter_threads=_cores(),
+            distinct=n,
+            warmup=n,
+            repeats=n,
+        )
     if "pipeline" in only:
         add(
             "pipeline",

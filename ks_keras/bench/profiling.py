@@ -7,12 +7,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ks_keras.bench.child import _build_compiled_model, _peak_rss_gib, _setup_child, synthetic_batch
+from ks_keras.bench.child import (
+    _build_compiled_model,
+    _peak_rss_gib,
+    _serving_function,
+    _setup_child,
+    synthetic_batch,
+)
 
 # Where time goes: op categories of a traced training step, from the ops' name scopes
 # (segments with Keras' `_1` suffixes removed) — first match wins.
 PROFILE_CATEGORIES = (
-    ("optimizer", lambda seg: bool(seg) and seg[0] in ("adam", "sgd", "adamw")),
+    ("optimizer", lambda seg: bool(seg) and seg[0] in ("adam", "sgd", "adamw", "fused_adam")),
     ("key selection (column scores, top-k)", lambda seg: "key_selection" in seg),
     ("attention core (scores, softmax, weights x values)", lambda seg: "ks_attention_grad" in seg),
     ("LayerNorm", lambda seg: "layer_norm_grad" in seg),
@@ -56,7 +62,12 @@ def _categorize(op_name: str) -> str:
 
 
 def _measure_profile(spec: dict[str, Any]) -> dict[str, Any]:
-    """Trace training steps with `tf.profiler` and sum op time per category (no XLA)."""
+    """Trace training steps with `tf.profiler` and sum op time per category (no XLA).
+
+    With `serving` in the spec, trace the export's serving graph on batch-1 requests instead
+    (`distinct` requests with real lengths drawn as for the latency measures, one call per
+    traced repetition, cycling through them): where a single request's time goes.
+    """
     import re
 
     tf, keras = _setup_child(spec)
@@ -64,14 +75,28 @@ def _measure_profile(spec: dict[str, Any]) -> dict[str, Any]:
 
     spec = {**spec, "jit": False}  # XLA fuses ops into clusters that have no layer names
     model, _ = _build_compiled_model(spec, keras)
-    x, y = synthetic_batch(spec, spec["batch"], 0)
-    for _ in range(spec["warmup"]):
-        model.train_on_batch(x, y)
+    if spec.get("serving"):
+        import numpy as np
+
+        serve = _serving_function(spec, model)
+        requests = [synthetic_batch(spec, 1, seed)[0] for seed in range(spec.get("distinct", 1))]
+
+        def step(i):
+            np.asarray(serve(requests[i % len(requests)])["probabilities"])
+
+    else:
+        x, y = synthetic_batch(spec, spec["batch"], 0)
+
+        def step(i):
+            model.train_on_batch(x, y)
+
+    for i in range(spec["warmup"]):
+        step(i)
     with tempfile.TemporaryDirectory(prefix="ks_bench_profile_") as logdir:
         tf.profiler.experimental.start(logdir)
         t0 = time.perf_counter()
-        for _ in range(spec["repeats"]):
-            model.train_on_batch(x, y)
+        for i in range(spec["repeats"]):
+            step(i)
         wall = (time.perf_counter() - t0) / spec["repeats"]
         tf.profiler.experimental.stop()
         planes = sorted(Path(logdir).rglob("*.xplane.pb"))
@@ -81,6 +106,7 @@ def _measure_profile(spec: dict[str, Any]) -> dict[str, Any]:
     by_type: dict[str, float] = {}
     by_op: dict[str, float] = {}
     backward: dict[str, float] = {"forward": 0.0, "backward": 0.0}
+    n_ops = 0
     for plane in space.planes:
         if plane.name != "/host:CPU":
             continue
@@ -92,6 +118,7 @@ def _measure_profile(spec: dict[str, Any]) -> dict[str, Any]:
                 if ":" not in meta.name or "::" in meta.name:  # executor bookkeeping
                     continue
                 seconds = event.duration_ps * 1e-12 / spec["repeats"]
+                n_ops += 1
                 op_name, op_type = meta.name.rsplit(":", 1)
                 category = _categorize(op_name)
                 by_category[category] = by_category.get(category, 0.0) + seconds
@@ -106,6 +133,7 @@ def _measure_profile(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "median_s": wall,
         "op_seconds_per_step": round(total, 4),
+        "ops_per_step": round(n_ops / spec["repeats"], 1),
         "categories": {
             k: {"s": round(v, 4), "share": round(v / total, 4)}
             for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])

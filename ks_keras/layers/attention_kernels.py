@@ -32,10 +32,13 @@ def project(dense, x):
     out_shape = tuple(kernel.shape[n_in:])
     lead = ops.shape(x)[: len(x.shape) - n_in]
     flat_in = math.prod(in_shape)
-    y = ops.matmul(ops.reshape(x, (-1, flat_in)), ops.reshape(kernel, (flat_in, -1)))
-    if dense.bias is not None:
-        y = y + ops.reshape(dense.bias, (-1,))
-    return ops.reshape(y, (*lead, *out_shape))
+    # Under the sublayer's name (`query`, `key`, `value`, `attention_output`), as stock
+    # EinsumDense ops are: profiles tell projections from the attention core by it.
+    with keras.name_scope(dense.name):
+        y = ops.matmul(ops.reshape(x, (-1, flat_in)), ops.reshape(kernel, (flat_in, -1)))
+        if dense.bias is not None:
+            y = y + ops.reshape(dense.bias, (-1,))
+        return ops.reshape(y, (*lead, *out_shape))
 
 
 def attention_masks(attention_mask, query_mask_in_scores=True):
