@@ -26,6 +26,9 @@ Measures (issue 8):
   frames), through `ks_keras.data.make_dataset` with length-bucketed batches and with
   batches padded to 460 frames: the same samples per epoch, samples/s for each and the
   ratio bucketed / padded of this run.
+- `profile` (only when asked: `--only profile`): op time per category and op type from
+  `tf.profiler`, for a training step and for batch-1 requests through the serving graph
+  (one thread per op), into the JSON report.
 
 Inputs are synthetic with realistic padding: each sample's real length is drawn uniformly
 between 30 % and 100 % of the maximum (audio 460 frames, text 20 tokens); the `lengths`
