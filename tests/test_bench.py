@@ -87,13 +87,15 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
     report = bench.run_benchmark(output=out, progress=None)
     kinds = [c["kind"] for c in calls]
     # train 16 + 32, their XLA/precision/oneDNN twins, inference (+ XLA twin), latency (plain,
-    # through the serving graph, and that with one thread per op), 4 attention runs, the
-    # pipeline: each a separate child.
+    # through the serving graph, that with one thread per op, and that with bfloat16
+    # weights), 4 attention runs, the pipeline: each a separate child.
     assert kinds.count("train") == 5 and kinds.count("infer") == 2
-    assert kinds.count("attention") == 4 and kinds.count("latency") == 3
+    assert kinds.count("attention") == 4 and kinds.count("latency") == 4
     latency = [c for c in calls if c["kind"] == "latency"]
-    assert [c.get("serving") for c in latency] == [None, "crop", "crop"]
-    assert latency[2]["intra_threads"] == 1 and latency[2]["inter_threads"] >= 1
+    assert [c.get("serving") for c in latency] == [None, "crop", "crop", "crop"]
+    assert [c.get("weights") for c in latency] == [None, None, None, "bfloat16"]
+    for c in latency[2:]:
+        assert c["intra_threads"] == 1 and c["inter_threads"] >= 1
     assert kinds.count("pipeline") == 1
     # Realistic lengths: training and inference, bucketed and padded, the same samples.
     lengths = [c for c in calls if c["kind"] == "lengths"]
@@ -136,6 +138,7 @@ def test_plan_runs_every_measure_in_its_own_process(monkeypatch, tmp_path):
         "latency_b1": None,
         "latency_b1_serving": None,
         "latency_b1_serving_inter": None,
+        "latency_b1_serving_bf16": None,
         "train_peak_rss_b32": None,
         "attention_fwd": True,
         "attention_fwd_bwd": True,

@@ -106,6 +106,7 @@ def test_reference_model_is_built_and_measured_in_child_processes(fake_reference
         "reference_latency_b1",
         "latency_b1_serving",
         "latency_b1_serving_inter",
+        "latency_b1_serving_bf16",
     ]
     specs = dict(plan)
     # The twin gets our spec: same inputs, batch, warm-up and repetitions.

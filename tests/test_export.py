@@ -428,6 +428,15 @@ def test_cli_export_from_keras_file_with_sidecar(tmp_path, capsys):
     save_config(cfg, tmp_path / "cfg.yaml")
     assert cli.main([*argv, "--config", str(tmp_path / "cfg.yaml"), "--version", "5"]) == 0
     assert ex.load_exported(tmp_path / "out" / "cli").path.name == "5"
+    # --weights bfloat16 reaches the export and says how far it is from float32.
+    capsys.readouterr()
+    config_args = ["--config", str(tmp_path / "cfg.yaml"), "--version", "6"]
+    assert cli.main([*argv, *config_args, "--weights", "bfloat16"]) == 0
+    assert "weights: bfloat16 (vs the float32 model" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / "cli" / "6" / "assets" / "ks_keras.json").read_text())
+    assert meta["weights"]["dtype"] == "bfloat16"
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        cli.main([*argv, "--weights", "float16"])
     # A corrupt .keras file is a clean error.
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"garbage")
@@ -699,3 +708,46 @@ def test_functionals_ensemble_exports_like_a_single_model(tmp_path):
         keras_probs(model, inputs),
         atol=1e-5,
     )
+
+
+def test_bfloat16_weights_export_is_verified_and_close_to_float32(tmp_path, capsys):
+    """`--weights bfloat16`: the export holds bfloat16 variables, passes the fresh-process
+    reload check against its bfloat16 copy, records how far it is from the float32 model, and
+    serves float32 probabilities close to the float32 model's (and the same classes on these
+    requests); the float32 model itself is left untouched."""
+    keras.utils.set_random_seed(3)
+    cfg = tiny_config()
+    model = build_model(cfg)
+    before = [w.copy() for w in model.get_weights()]
+    path = ex.export_model(
+        model,
+        cfg,
+        LABELS,
+        feature_metadata(cfg),
+        base_dir=tmp_path,
+        name="bf16",
+        verify=True,
+        weights="bfloat16",
+    )
+    meta = json.loads((path / "assets" / "ks_keras.json").read_text())
+    assert meta["weights"]["dtype"] == "bfloat16"
+    agreement = meta["weights"]["vs_float32"]
+    assert 0 < agreement["max_abs_diff"] < 0.05 and agreement["same_class"] >= 0.75
+    loaded = tf.saved_model.load(str(path))
+    assert any(v.dtype == tf.bfloat16 for v in loaded.variables)
+    rng = np.random.default_rng(4)
+    inputs = random_inputs(rng, 3)
+    probs = ex.load_exported(path).predict(inputs)["probabilities"]
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs, keras_probs(model, inputs), atol=0.05)
+    for w, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(w, b)
+    assert all(w.dtype == "float32" for w in model.weights)
+
+
+def test_export_weights_must_be_float32_or_bfloat16(exported, tmp_path):
+    cfg, model, _, _ = exported
+    with pytest.raises(ValueError, match="weights: expected one of"):
+        ex.export_model(
+            model, cfg, LABELS, feature_metadata(cfg), base_dir=tmp_path, weights="float16"
+        )

@@ -176,7 +176,10 @@ def _serving_function(spec: dict[str, Any], model):
     them after their last real step when the model allows it."""
     from ks_keras.config import ModelConfig, from_dict
     from ks_keras.export import DEFAULT_SIGNATURE, make_serving_functions
+    from ks_keras.export.exporting import bfloat16_copy
 
+    if spec.get("weights") == "bfloat16":  # what `ks-keras export --weights bfloat16` serves
+        model = bfloat16_copy(model)
     m = spec["model"]
     lengths = {"audio": spec["audio_len"], "text": spec["text_len"]}
     metadata = {

@@ -125,6 +125,16 @@ def plan_measures(
             inter_threads=_cores(),
             **requests,
         )
+        # The same with the weights in bfloat16 (`ks-keras export --weights bfloat16`): fast
+        # on CPUs with AMX or AVX512-BF16, slow elsewhere (TensorFlow's fallback kernels).
+        add(
+            "latency_b1_serving_bf16",
+            serving="crop",
+            weights="bfloat16",
+            intra_threads=1,
+            inter_threads=_cores(),
+            **requests,
+        )
     # The twins of the headline setting (XLA flipped, the other precision) are comparisons
     # only, and on CPU each is several times slower than the headline step: one warm-up
     # step and at most two timed steps.

@@ -74,6 +74,11 @@ LATENCY_MEASURES = (
     ("latency_b1", "latency_ms", "latency ms, batch 1"),
     ("latency_b1_serving", "latency_serving_ms", "latency ms, batch 1, serving graph"),
     ("latency_b1_serving_inter", "latency_serving_inter_ms", "  same, 1 intra-op thread/op"),
+    (
+        "latency_b1_serving_bf16",
+        "latency_serving_bf16_ms",
+        "  same, weights in bfloat16 (export --weights)",
+    ),
 )
 # Not run by default (adds a traced run): `--only profile` or `--profile`.
 OPTIONAL_MEASURES = ("profile",)

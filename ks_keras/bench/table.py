@@ -219,7 +219,8 @@ def format_table(report: dict[str, Any]) -> str:
     if theirs:
         tail = [
             "(the reference's latency is its forward on the request padded to the full length; "
-            "ours is given three ways)"
+            f"ours is given {len(LATENCY_MEASURES)} ways; the bfloat16 row is the export "
+            "option `--weights bfloat16`, not the float32 model)"
         ]
     else:
         tail = ["", *_stored_reference_lines()]

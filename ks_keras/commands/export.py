@@ -17,7 +17,8 @@ from ks_keras.export.sidecar import (
 
 
 def run_export(args) -> int:
-    """`ks-keras export --model run/best.keras [--config cfg.yaml] [--name] [--version]`."""
+    """`ks-keras export --model run/best.keras [--config cfg.yaml] [--name] [--version]
+    [--weights float32|bfloat16]`."""
     from ks_keras.config import apply_overrides, from_dict, load_config, validate_config
 
     model_path = Path(args.model)
@@ -72,8 +73,16 @@ def run_export(args) -> int:
         version=args.version,
         verify=not args.no_verify,
         norm_stats=norm_stats,
+        weights=args.weights,
     )
     print(f"exported {model_path} -> {path}")
+    weights = _read_json(path / "assets" / METADATA_FILE).get("weights", {})
+    if weights.get("dtype") == "bfloat16":
+        agreement = weights["vs_float32"]
+        print(
+            "weights: bfloat16 (vs the float32 model on random requests: probabilities within "
+            f"{agreement['max_abs_diff']:.3g}, same class for {100 * agreement['same_class']:.0f} %)"
+        )
     print(f"signatures: {', '.join(_read_json(path / 'assets' / METADATA_FILE)['signatures'])}")
     print(
         "verified: reload in a fresh process matches (batch 1 and 3), saved_model_cli lists "
