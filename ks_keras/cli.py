@@ -73,7 +73,7 @@ def _add_export_parser(sub) -> None:
         choices=("float32", "bfloat16"),
         default="float32",
         help="dtype of the exported weights: bfloat16 halves what a request reads and is "
-        "faster on CPUs with AMX or AVX512-BF16, slower elsewhere (docs/serving.md)",
+        "faster on CPUs with AMX or AVX512-BF16; elsewhere expect no gain (docs/serving.md)",
     )
     p.add_argument(
         "--no-verify",

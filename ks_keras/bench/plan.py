@@ -126,7 +126,7 @@ def plan_measures(
             **requests,
         )
         # The same with the weights in bfloat16 (`ks-keras export --weights bfloat16`): fast
-        # on CPUs with AMX or AVX512-BF16, slow elsewhere (TensorFlow's fallback kernels).
+        # on CPUs with AMX or AVX512-BF16; elsewhere TensorFlow's generic bfloat16 kernels.
         add(
             "latency_b1_serving_bf16",
             serving="crop",

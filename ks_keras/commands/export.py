@@ -76,14 +76,15 @@ def run_export(args) -> int:
         weights=args.weights,
     )
     print(f"exported {model_path} -> {path}")
-    weights = _read_json(path / "assets" / METADATA_FILE).get("weights", {})
+    metadata = _read_json(path / "assets" / METADATA_FILE)
+    weights = metadata.get("weights", {})
     if weights.get("dtype") == "bfloat16":
         agreement = weights["vs_float32"]
         print(
             "weights: bfloat16 (vs the float32 model on random requests: probabilities within "
             f"{agreement['max_abs_diff']:.3g}, same class for {100 * agreement['same_class']:.0f} %)"
         )
-    print(f"signatures: {', '.join(_read_json(path / 'assets' / METADATA_FILE)['signatures'])}")
+    print(f"signatures: {', '.join(metadata['signatures'])}")
     print(
         "verified: reload in a fresh process matches (batch 1 and 3), saved_model_cli lists "
         "the signatures"
