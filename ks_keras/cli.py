@@ -57,6 +57,8 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_export_parser(sub) -> None:
+    from ks_keras.export.exporting import WEIGHT_DTYPES  # no TensorFlow import
+
     p = sub.add_parser("export", help="export a trained .keras model as a TF Serving SavedModel")
     p.add_argument("--model", required=True, help="trained model file (run/best.keras)")
     _add_config_args(p)
@@ -70,7 +72,7 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--version", type=int, help="integer version (default: next free)")
     p.add_argument(
         "--weights",
-        choices=("float32", "bfloat16"),
+        choices=WEIGHT_DTYPES,
         default="float32",
         help="dtype of the exported weights: bfloat16 halves what a request reads and is "
         "faster on CPUs with AMX or AVX512-BF16; elsewhere expect no gain (docs/serving.md)",
