@@ -95,9 +95,20 @@ def test_fused_gradient_under_mixed_precision(policy, separable):
     out_a, grads_a = _run(auto, query, value, mask, loss_weights, True)
     tol = 2e-2 if policy == "mixed_bfloat16" else 2e-3
     np.testing.assert_allclose(out_f, out_a, atol=tol)
-    for g_f, g_a in zip(grads_f, grads_a):
-        assert np.isfinite(g_f).all()
-        np.testing.assert_allclose(g_f, g_a, rtol=tol, atol=tol * (1 + np.abs(g_a).max()))
+    names = ["query", "value", *(w.path for w in fused.trainable_weights)]
+    largest = max(np.abs(g).max() for g in grads_a)
+    for name, g_f, g_a in zip(names, grads_f, grads_a):
+        assert np.isfinite(g_f).all(), name
+        if name.endswith("key/bias"):
+            # Zero in exact arithmetic (a key bias adds the same q.b to every score of a row;
+            # softmax and top-k ignore that), so both sides hold only 16-bit rounding noise of
+            # sums of terms as large as the other gradients: its size follows the CPU's
+            # kernels (Eigen's float16 matmul without AVX-512), not the fused gradient.
+            assert np.abs(g_f).max() <= tol * largest and np.abs(g_a).max() <= tol * largest
+            continue
+        np.testing.assert_allclose(
+            g_f, g_a, rtol=tol, atol=tol * (1 + np.abs(g_a).max()), err_msg=name
+        )
 
 
 @pytest.mark.parametrize("fast_layer", ["fast", "key_sparse_0"])
