@@ -71,6 +71,20 @@ def tensorflow_default_onednn(flags: set[str] | None = None) -> bool | None:
     return any(flag in flags for flag in ONEDNN_DEFAULT_FLAGS)
 
 
+# /proc/cpuinfo names of the bfloat16 units that make `ks-keras export --weights bfloat16` pay.
+BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def bfloat16_units(flags: set[str] | None = None) -> bool | None:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16); None where that
+    cannot be told (no /proc/cpuinfo flags). `flags`: `read_cpuinfo()` flags if at hand."""
+    if flags is None:
+        _, flags = read_cpuinfo()
+    if flags is None:
+        return None
+    return any(flag in flags for flag in BFLOAT16_FLAGS)
+
+
 def prefer_onednn() -> None:
     """Set ``TF_ENABLE_ONEDNN_OPTS=1`` unless the user set it or TensorFlow already loaded
     (then warn if its oneDNN kernels are off). Called when ``ks_keras`` is imported."""

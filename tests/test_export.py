@@ -17,6 +17,7 @@ from _tiny import tiny_config as shared_tiny_config  # noqa: E402
 
 from ks_keras import cli  # noqa: E402
 from ks_keras import export as ex  # noqa: E402
+from ks_keras.commands import export as export_command  # noqa: E402
 from ks_keras.config import save_config  # noqa: E402
 from ks_keras.features.logmel import LogMelExtractor  # noqa: E402
 from ks_keras.model import build_model  # noqa: E402
@@ -393,7 +394,7 @@ def test_speaker_normalisation_has_no_waveform_signature():
     assert ex.waveform_signature_problem(tiny_config(model={"modalities": ["text"]}))
 
 
-def test_cli_export_from_keras_file_with_sidecar(tmp_path, capsys):
+def test_cli_export_from_keras_file_with_sidecar(tmp_path, capsys, monkeypatch):
     cfg = tiny_config(model={"modalities": ["audio"]})
     model = build_model(cfg)
     model_path = tmp_path / "run" / "best.keras"
@@ -431,8 +432,11 @@ def test_cli_export_from_keras_file_with_sidecar(tmp_path, capsys):
     # --weights bfloat16 reaches the export and says how far it is from float32.
     capsys.readouterr()
     config_args = ["--config", str(tmp_path / "cfg.yaml"), "--version", "6"]
+    monkeypatch.setattr(export_command, "bfloat16_units", lambda: False)  # say, an AMD Zen 3
     assert cli.main([*argv, *config_args, "--weights", "bfloat16"]) == 0
-    assert "weights: bfloat16 (vs the float32 model" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "weights: bfloat16 (vs the float32 model" in printed.out
+    assert "no AMX or AVX512-BF16" in printed.err
     meta = json.loads((tmp_path / "out" / "cli" / "6" / "assets" / "ks_keras.json").read_text())
     assert meta["weights"]["dtype"] == "bfloat16"
     with pytest.raises(SystemExit):  # argparse: not one of the choices

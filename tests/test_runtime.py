@@ -117,3 +117,19 @@ def test_tensorflow_default_follows_its_cpu_feature_rule(monkeypatch, flags, exp
 def test_not_x86_is_unknown(monkeypatch):
     monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")
     assert runtime.tensorflow_default_onednn() is None
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx2", "fma"}, False),
+        ({"avx2", "avx512f", "avx512_vnni"}, False),  # Cascade Lake: AVX-512, no bfloat16
+        ({"avx512f", "avx512_bf16"}, True),  # Cooper Lake, AMD Zen 4
+        ({"avx512f", "amx_tile", "amx_bf16"}, True),  # Sapphire Rapids
+        (None, None),
+    ],
+)
+def test_bfloat16_units_follow_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(runtime, "read_cpuinfo", lambda: ("cpu", flags))
+    assert runtime.bfloat16_units() is expected
+    assert runtime.bfloat16_units(flags) is expected

@@ -14,6 +14,7 @@ from ks_keras.export.sidecar import (
     read_model_sidecar,
     sidecar_path,
 )
+from ks_keras.runtime import bfloat16_units
 
 
 def run_export(args) -> int:
@@ -84,6 +85,13 @@ def run_export(args) -> int:
             "weights: bfloat16 (vs the float32 model on random requests: probabilities within "
             f"{agreement['max_abs_diff']:.3g}, same class for {100 * agreement['same_class']:.0f} %)"
         )
+        if bfloat16_units() is False:
+            print(
+                "note: this CPU has no AMX or AVX512-BF16 units; a CPU like it runs bfloat16 "
+                "matmuls with TensorFlow's generic kernels, no faster than float32. Serve this "
+                "export on a CPU that has them (docs/serving.md)",
+                file=sys.stderr,
+            )
     print(f"signatures: {', '.join(metadata['signatures'])}")
     print(
         "verified: reload in a fresh process matches (batch 1 and 3), saved_model_cli lists "
