@@ -76,8 +76,11 @@ BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def bfloat16_units(flags: set[str] | None = None) -> bool | None:
-    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16); None where that
-    cannot be told (no /proc/cpuinfo flags). `flags`: `read_cpuinfo()` flags if at hand."""
+    """Whether this x86-64 CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16); None
+    where that cannot be told (not x86-64, no /proc/cpuinfo flags). `flags`: `read_cpuinfo()`
+    flags if at hand."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
     if flags is None:
         _, flags = read_cpuinfo()
     if flags is None:

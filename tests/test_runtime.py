@@ -130,6 +130,9 @@ def test_not_x86_is_unknown(monkeypatch):
     ],
 )
 def test_bfloat16_units_follow_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(runtime, "read_cpuinfo", lambda: ("cpu", flags))
     assert runtime.bfloat16_units() is expected
     assert runtime.bfloat16_units(flags) is expected
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")  # other flag names
+    assert runtime.bfloat16_units(flags) is None
