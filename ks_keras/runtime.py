@@ -62,13 +62,20 @@ def tensorflow_default_onednn(flags: set[str] | None = None) -> bool | None:
     """Whether TensorFlow would turn oneDNN on by itself on this CPU (Linux x86-64 wheels);
     None where that cannot be told (no /proc/cpuinfo, not x86-64). `flags`: this CPU's
     `read_cpuinfo()` flags when the caller has them already."""
+    return _x86_cpu_has_any(ONEDNN_DEFAULT_FLAGS, flags)
+
+
+def _x86_cpu_has_any(wanted: tuple[str, ...], flags: set[str] | None) -> bool | None:
+    """Whether this x86-64 CPU lists any of the /proc/cpuinfo flags `wanted` (`flags`: this
+    CPU's `read_cpuinfo()` flags if at hand); None when not x86-64 (other flag names) or
+    without flags."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     if flags is None:
         _, flags = read_cpuinfo()
     if flags is None:
         return None
-    return any(flag in flags for flag in ONEDNN_DEFAULT_FLAGS)
+    return any(flag in flags for flag in wanted)
 
 
 # /proc/cpuinfo names of the bfloat16 units that make `ks-keras export --weights bfloat16` pay.
@@ -79,13 +86,7 @@ def bfloat16_units(flags: set[str] | None = None) -> bool | None:
     """Whether this x86-64 CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16); None
     where that cannot be told (not x86-64, no /proc/cpuinfo flags). `flags`: `read_cpuinfo()`
     flags if at hand."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    if flags is None:
-        _, flags = read_cpuinfo()
-    if flags is None:
-        return None
-    return any(flag in flags for flag in BFLOAT16_FLAGS)
+    return _x86_cpu_has_any(BFLOAT16_FLAGS, flags)
 
 
 def prefer_onednn() -> None:
